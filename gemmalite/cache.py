@@ -1,0 +1,135 @@
+"""A static hybrid KV cache: fixed-shape buffers, written in place.
+
+Global layers keep a buffer [B, kv_heads, max_seq_len, head_dim]: position p lives in slot p.
+Sliding layers keep a ring of `sliding_window` slots: position p lives in slot p % W, so their
+memory does not grow with the context.
+
+The only per-row state is `lengths` [B], a tensor: how many tokens each row holds. Everything
+the mask needs (which slot holds which position) follows from it, see mask.py.
+
+The write rule, for a chunk of T tokens of which row b holds n[b] real ones:
+
+- global layers write first, then attend over the whole buffer;
+- sliding layers attend over [ring before the write ; chunk], then write. Writing first would
+  overwrite keys that the chunk's early queries still need. Chunks are at most W long, so the
+  real tokens of a chunk land in distinct slots.
+
+Padding tokens must not clobber anything a later query needs. They are sent to one "spare" slot
+per row, the slot the row's next token will take: slot `length` of a global buffer (unused), and
+slot `length % W` of a ring (it holds position length - W, which no later query can see).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .config import GemmaConfig
+from .errors import ContextLengthError
+from .mask import chunk_positions, global_slot_positions, ring_slot_positions
+
+
+class Chunk(NamedTuple):
+    """Where one forward's tokens sit: computed once per forward, shared by every layer."""
+
+    start: torch.Tensor  # [B] tokens already in the cache
+    n_new: torch.Tensor  # [B] real tokens in this chunk
+    positions: torch.Tensor  # [B, T]
+    valid: torch.Tensor  # [B, T]
+    rows: torch.Tensor  # [B, 1]
+    global_slots: torch.Tensor  # [B, T]
+    ring_slots: torch.Tensor  # [B, T]
+
+
+class KVCache:
+    def __init__(
+        self,
+        config: GemmaConfig,
+        batch_size: int,
+        max_seq_len: int,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+    ):
+        self.batch_size = batch_size
+        self.max_seq_len = max_seq_len
+        # A ring longer than the context would never wrap; keep it no longer than needed.
+        self.window = min(config.sliding_window, max_seq_len)
+        self.sliding = config.sliding_layers
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for sliding in self.sliding:
+            slots = self.window if sliding else max_seq_len
+            shape = (batch_size, config.num_kv_heads, slots, config.head_dim)
+            self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
+            self.values.append(torch.zeros(shape, device=device, dtype=dtype))
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._mark_static()
+
+    def _mark_static(self):
+        # The buffers never move, so CUDA graphs may read and write them in place.
+        for t in (*self.keys, *self.values, self.lengths):
+            torch._dynamo.mark_static_address(t)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+
+    def fork(self) -> "KVCache":
+        """An independent copy of this cache (for branching a conversation)."""
+        other = object.__new__(KVCache)
+        other.__dict__.update(self.__dict__)
+        other.keys = [t.clone() for t in self.keys]
+        other.values = [t.clone() for t in self.values]
+        other.lengths = self.lengths.clone()
+        other._mark_static()
+        return other
+
+    def check_room(self, new_tokens: list[int]) -> None:
+        """Raise unless every row can take its new tokens and still leave a slot free."""
+        for row, (have, extra) in enumerate(zip(self.lengths.tolist(), new_tokens)):
+            if have + extra >= self.max_seq_len:
+                raise ContextLengthError(
+                    f"row {row}: {have} cached + {extra} new tokens do not fit in max_seq_len="
+                    f"{self.max_seq_len} ({max(self.max_seq_len - 1 - have, 0)} tokens left); "
+                    "load with a larger max_seq_len or shorten the input"
+                )
+
+    # ---------------------------------------------------------------- the write rule
+    def chunk(self, n_new: torch.Tensor, length: int) -> Chunk:
+        start = self.lengths
+        positions, valid = chunk_positions(start, n_new, length)
+        spare = start + n_new  # the slot this row's next token will take
+        global_slots = torch.where(valid, positions, spare[:, None]).clamp(max=self.max_seq_len - 1)
+        ring_slots = torch.remainder(torch.where(valid, positions, spare[:, None]), self.window)
+        rows = torch.arange(self.batch_size, device=start.device)[:, None]
+        return Chunk(start, n_new, positions, valid, rows, global_slots, ring_slots)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, chunk: Chunk):
+        """Store a chunk's k, v [B, kv_heads, T, head_dim]; return the keys and values to attend to."""
+        keys, values = self.keys[layer], self.values[layer]
+        # Indexing [rows, :, slots] puts the indexed dims first: the values go in as [B, T, H, D].
+        k_rows, v_rows = k.transpose(1, 2), v.transpose(1, 2)
+        if self.sliding[layer]:
+            attend_k = torch.cat([keys, k], dim=2)
+            attend_v = torch.cat([values, v], dim=2)
+            keys[chunk.rows, :, chunk.ring_slots] = k_rows
+            values[chunk.rows, :, chunk.ring_slots] = v_rows
+            return attend_k, attend_v
+        keys[chunk.rows, :, chunk.global_slots] = k_rows
+        values[chunk.rows, :, chunk.global_slots] = v_rows
+        return keys, values
+
+    def key_positions(self, chunk: Chunk, sliding: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions and validity of the keys that `update` returns for this kind of layer."""
+        if sliding:
+            ring_pos, ring_valid = ring_slot_positions(chunk.start, self.window)
+            return torch.cat([ring_pos, chunk.positions], 1), torch.cat([ring_valid, chunk.valid], 1)
+        return global_slot_positions(chunk.start + chunk.n_new, self.max_seq_len)
+
+    def advance(self, chunk: Chunk) -> None:
+        self.lengths.add_(chunk.n_new)

@@ -1,0 +1,185 @@
+"""Gemma 3 (text), in plain eager PyTorch.
+
+What is Gemma-3-specific, and why it is written the way it is:
+
+- RMSNorm is computed in float32 and scales by (1 + weight): the checkpoints store weight - 1.
+- The embedding is multiplied by sqrt(hidden_size), the scale first cast to the activation
+  dtype (in bf16, sqrt(640) rounds to 25.25; the reference rounds the same way).
+- Every block has four norms: before and after attention, before and after the MLP.
+- q and k get their own RMSNorm over head_dim before RoPE.
+- Attention scale is query_pre_attn_scalar ** -0.5, not always head_dim ** -0.5.
+- Layers come five sliding-window to one global. The two kinds use different RoPE bases
+  (10k local, 1M global); linear RoPE scaling applies to global layers only.
+- The MLP is GeGLU with the tanh approximation of GELU.
+- The output head is the embedding matrix (tied). Soft-capping is honoured when a config sets it.
+
+The model holds parameters only: positions, masks and the KV cache arrive with each call, so the
+same module serves a cache-less forward, chunked prefill and a compiled decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import Chunk, KVCache
+from .config import GemmaConfig
+from .mask import attention_mask, chunk_positions
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, scale: float, dtype: torch.dtype):
+    """cos, sin [B, 1, T, head_dim] for neox-style rotary embedding at the given positions."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
+    inv_freq = 1.0 / (base**exponents) / scale
+    angles = positions[..., None].float() * inv_freq  # [B, T, head_dim / 2]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GemmaConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.sliding = config.sliding_layers[layer]
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.scale = config.query_pre_attn_scalar**-0.5
+        self.softcap = config.attn_logit_softcapping
+        hidden, q_dim, kv_dim = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(hidden, q_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_dim, bias=False)
+        self.o_proj = nn.Linear(q_dim, hidden, bias=False)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, rope, mask, cache: KVCache | None, chunk: Chunk | None):
+        B, T, _ = x.shape
+        # [B, T, heads * head_dim] -> [B, heads, T, head_dim]
+        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, chunk)
+        out = self._attend(q, k, v, mask)  # [B, heads, T, head_dim]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend(self, q, k, v, mask):
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        # Soft-capped scores cannot go through SDPA; Gemma 3 checkpoints never set it.
+        groups = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * self.scale
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GemmaConfig, layer: int):
+        super().__init__()
+        self.sliding = config.sliding_layers[layer]
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+        self.mlp = MLP(config)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+
+    def forward(self, x, rope, mask, cache, chunk):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, mask, cache, chunk))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Gemma3(nn.Module):
+    """The text model. Parameter names follow the transformers checkpoints, minus `model.`."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        ids: torch.Tensor,  # [B, T]
+        cache: KVCache | None = None,
+        n_new: torch.Tensor | None = None,  # [B] real tokens per row; the rest is padding
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab], or [B, 1, vocab] for each row's last real token if `last_only`.
+
+        With a cache, the chunk is appended after each row's cached tokens and the cache advances.
+        """
+        cfg = self.config
+        B, T = ids.shape
+        if n_new is None:
+            n_new = torch.full((B,), T, dtype=torch.long, device=ids.device)
+        x = self.embed_tokens(ids)
+        x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+
+        if cache is None:
+            chunk = None
+            positions, valid = chunk_positions(torch.zeros_like(n_new), n_new, T)
+            masks = {
+                kind: attention_mask(positions, valid, positions, valid, cfg.sliding_window if kind else None)
+                for kind in (True, False)
+            }
+        else:
+            chunk = cache.chunk(n_new, T)
+            positions, valid = chunk.positions, chunk.valid
+            masks = {
+                kind: attention_mask(positions, valid, *cache.key_positions(chunk, kind), cfg.sliding_window if kind else None)
+                for kind in (True, False)
+            }
+        rope = {
+            True: rope_cos_sin(positions, cfg.head_dim, cfg.rope_local_base, 1.0, x.dtype),
+            False: rope_cos_sin(positions, cfg.head_dim, cfg.rope_global_base, cfg.rope_global_scale, x.dtype),
+        }
+
+        for block in self.layers:
+            x = block(x, rope[block.sliding], masks[block.sliding], cache, chunk)
+        if cache is not None:
+            cache.advance(chunk)
+
+        if last_only:
+            last = (n_new - 1).clamp(min=0)
+            x = x[torch.arange(B, device=x.device), last][:, None]  # [B, 1, hidden]
+        logits = F.linear(self.norm(x), self.embed_tokens.weight)
+        if cfg.final_logit_softcapping is not None:
+            logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
+        return logits
