@@ -100,9 +100,11 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
 
 def gumbel_noise(keys: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Gumbel(0, 1) noise [B, vocab], a pure function of (row key, position, token id)."""
-    stream = hash32(keys ^ hash32(positions))  # [B]
-    token_ids = torch.arange(vocab_size, device=keys.device)
-    bits = hash32(stream[:, None] ^ token_ids[None, :])
+    stream = hash32(hash32(keys) ^ positions)  # [B]
+    second = hash32(stream ^ 0x5BD1E995)[:, None]
+    token_ids = torch.arange(vocab_size, device=keys.device)[None, :]
+    # Two rounds, so that two streams never give permutations of the same noise.
+    bits = hash32(hash32(stream[:, None] ^ token_ids) ^ second)
     uniform = ((bits >> 8).float() + 0.5) / float(1 << 24)  # in (0, 1), never 0 or 1
     return -torch.log(-torch.log(uniform))
 
