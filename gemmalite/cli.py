@@ -144,8 +144,8 @@ def load_engine(args: argparse.Namespace):
         note = "" if "instruction-tuned" in gguf_import.DEFAULT_MODEL_DESCRIPTION else " (base, not instruction-tuned)"
         info(
             args,
-            f"no --model given; using the default model {gguf_import.DEFAULT_MODEL_DESCRIPTION}{note}: "
-            "a base model continues text, it does not follow instructions",
+            f"no --model given, so using the default model: {gguf_import.DEFAULT_MODEL_DESCRIPTION}{note}. "
+            "It is the base model: it continues text rather than following instructions",
         )
     started = time.perf_counter()
     engine = gemmalite.load(
@@ -208,7 +208,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     pieces = engine.stream(prompt, chat=args.chat, system=args.system, **sampling_kwargs(args))
     try:
         for piece in pieces:
-            write_out(piece)
+            printed += ''
             printed += piece
     finally:
         pieces.close()
@@ -266,6 +266,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _configure_generate(parser)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser
 
 
