@@ -208,7 +208,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     pieces = engine.stream(prompt, chat=args.chat, system=args.system, **sampling_kwargs(args))
     try:
         for piece in pieces:
-            printed += ''
+            write_out(piece)
             printed += piece
     finally:
         pieces.close()

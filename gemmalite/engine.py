@@ -147,7 +147,10 @@ class Engine:
         single = isinstance(prompt, str)
         texts = [prompt] if single else list(prompt) if isinstance(prompt, (list, tuple)) else None
         if not texts or not all(isinstance(t, str) for t in texts):
-            raise InvalidArgumentError("generate() takes a prompt string or a non-empty list of strings; use generate_ids() for token ids")
+            raise InvalidArgumentError(
+                "generate() takes a prompt string or a non-empty list of them, all strings; "
+                "use generate_ids() for token ids"
+            )
         ids = [self.encode(t, chat=chat, system=system) for t in texts]
         settings = self._settings(temperature, top_k, top_p, min_p, seed)
         stops = _stops(stop)
