@@ -15,15 +15,19 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .cache import KVCache
 from .config import GemmaConfig
-from .errors import InvalidArgumentError, ModelLoadError
+from .errors import ContextLengthError, InvalidArgumentError, ModelLoadError
 from .model import Gemma3
 from .sampling import SamplerState, SamplingSettings, greedy, sample, sampler_state
 from .tokenizer import END_OF_TURN, Tokenizer, chat_prompt
+
+if TYPE_CHECKING:
+    from .session import Session
 from .weights import Checkpoint, load_state_dict, read_checkpoint, resolve
 
 DEFAULT_MAX_SEQ_LEN = 8192
@@ -191,7 +195,9 @@ class Engine:
         settings = self._settings(temperature, top_k, top_p, min_p, seed)
         eos = self._eos(ignore_eos, chat)
         tail = _TextTail(self, _stops(stop), eos)
-        steps = self._generate(ids, settings, _max_new(max_new_tokens), eos, sync_every=1)
+        return self._stream_text(self._generate(ids, settings, _max_new(max_new_tokens), eos, sync_every=1), tail)
+
+    def _stream_text(self, steps: Iterator[list[list[int]]], tail: "_TextTail") -> Iterator[str]:
         try:
             for (piece,) in steps:
                 text = tail.add(piece)
@@ -205,6 +211,12 @@ class Engine:
                 yield rest
         finally:
             steps.close()
+
+    def session(self, system: str | None = None, chat: bool = True) -> "Session":
+        """A multi-turn conversation that keeps its own cache; see session.py."""
+        from .session import Session
+
+        return Session(self, system=system, chat=chat)
 
     def encode(self, text: str, *, chat: bool = False, system: str | None = None) -> list[int]:
         if self.tokenizer is None:
@@ -256,14 +268,21 @@ class Engine:
         max_new_tokens: int,
         eos_ids: tuple[int, ...],
         sync_every: int = 8,
+        cache: KVCache | None = None,
     ) -> Iterator[list[list[int]]]:
         """Yield, every `sync_every` steps, the tokens each row produced since the last yield.
 
-        Rows stop at an eos id, at max_new_tokens, or when their transcript reaches max_seq_len.
+        Without a cache, the engine's own starts empty; with one (a session's), the prompts are
+        appended to what it holds. Rows stop at an eos id, at max_new_tokens, or when their
+        transcript reaches max_seq_len.
         """
         stats = self.last_stats = Stats(prompt_tokens=[len(p) for p in prompts])
         batch = len(prompts)
-        limits = [min(max_new_tokens, self.max_seq_len - len(p)) for p in prompts]
+        if cache is None:
+            cache = self.kv_cache(batch)
+            cache.reset()
+        held = cache.lengths.tolist()
+        limits = [min(max_new_tokens, self.max_seq_len - have - len(p)) for have, p in zip(held, prompts)]
         produced = [0] * batch
         reasons: list[str | None] = [None] * batch
         stats.new_tokens, stats.finish_reasons = produced, reasons
@@ -272,8 +291,6 @@ class Engine:
             yield [[] for _ in prompts]
             return
 
-        cache = self.kv_cache(batch)
-        cache.reset()
         eos_tensor = torch.full((EOS_SLOTS,), -1, dtype=torch.long)
         eos_tensor[: len(eos_ids)] = torch.tensor(eos_ids[:EOS_SLOTS], dtype=torch.long)
         eos_tensor = eos_tensor.to(self.device)
@@ -355,7 +372,7 @@ class Engine:
                 raise InvalidArgumentError(f"prompt {row} is empty; give at least one token (e.g. <bos>)")
             self._check_ids(prompt)
             if len(prompt) >= self.max_seq_len:
-                raise InvalidArgumentError(
+                raise ContextLengthError(
                     f"prompt {row} has {len(prompt)} tokens, but max_seq_len is {self.max_seq_len}; "
                     "shorten it or load with a larger max_seq_len"
                 )
@@ -375,6 +392,8 @@ class _TextTail:
     def __init__(self, engine: Engine, stops: tuple[str, ...], eos_ids: tuple[int, ...]):
         self.engine, self.stops, self.eos_ids = engine, stops, eos_ids
         self.ids: list[int] = []
+        # Text of ids[:settled], which ended on a whole character: only the rest is decoded again.
+        self.settled, self.settled_text = 0, ""
         self.text = ""  # everything decoded so far, up to any stop string
         self.emitted = 0
         self.stopped = False
@@ -384,7 +403,10 @@ class _TextTail:
         if self.stopped:
             return ""
         self.ids.extend(t for t in tokens if t not in self.eos_ids)
-        self.text = self.engine.decode(self.ids)
+        recent = self.engine.decode(self.ids[self.settled :])
+        self.text = self.settled_text + recent
+        if "\ufffd" not in recent:
+            self.settled, self.settled_text = len(self.ids), self.text
         safe = len(self.text)
         for stop in self.stops:
             at = self.text.find(stop, max(self.emitted - len(stop), 0))

@@ -100,8 +100,8 @@ _LAYER_NAME = re.compile(r"blk\.(\d+)\.(.+)")
 # Vision-tower prefixes used by llama.cpp's mmproj files; never part of the text model.
 _NON_TEXT_PREFIXES = ("v.", "mm.")
 
-# sentencepiece piece types; GGUF's token_type uses the same numbers.
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
+# sentencepiece piece types; GGUF's token_type uses the same numbers (1 is NORMAL, 6 BYTE).
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
 
 
 # ----------------------------------------------------------------------------- public API
@@ -110,6 +110,8 @@ def convert(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, progres
 
     `out_dir` must not exist yet (or be empty). It appears complete or not at all: the files
     are written into a temporary sibling directory that is renamed into place at the end.
+    Raises ModelLoadError for a missing, corrupt or non-Gemma-3 file, MissingExtraError
+    without the gguf extra, and InvalidArgumentError if `out_dir` holds something already.
     """
     gguf_path, out_dir = Path(gguf_path).expanduser(), Path(out_dir).expanduser()
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
@@ -135,12 +137,13 @@ def cached_checkpoint(
     if not gguf_path.is_file():
         raise ModelLoadError(f"GGUF file not found: {gguf_path}")
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    entry = root / "gguf" / _file_digest(gguf_path)[:16]
+    digest = _file_digest(gguf_path)
+    entry = root / "gguf" / digest[:16]
     if _is_current(entry):
         return entry
 
     entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = _convert_to_staging(gguf_path, entry, progress=progress)
+    staging = _convert_to_staging(gguf_path, entry, progress=progress, digest=digest)
     try:
         if entry.exists():
             if _is_current(entry):
@@ -186,8 +189,10 @@ def default_gguf_path() -> Path:
 
 
 # ----------------------------------------------------------------------------- conversion
-def _convert_to_staging(gguf_path: Path, out_dir: Path, *, progress: bool) -> Path:
+def _convert_to_staging(gguf_path: Path, out_dir: Path, *, progress: bool, digest: str | None = None) -> Path:
     """Write the whole checkpoint into a fresh temporary sibling of `out_dir`; return it."""
+    if progress:  # opening alone takes seconds, so say what is happening before it
+        print(f"gemmalite: converting {gguf_path.name} to a float32 checkpoint (done once)", file=sys.stderr, flush=True)
     reader = _open(gguf_path)
     try:
         config = _config_from_metadata(reader)
@@ -209,7 +214,11 @@ def _convert_to_staging(gguf_path: Path, out_dir: Path, *, progress: bool) -> Pa
         _write_weights(reader, config, staging, gguf_path.name, progress=progress)
         _write_json(
             staging / PROVENANCE_FILE,
-            {"converter_version": CONVERTER_VERSION, "source": gguf_path.name, "sha256": _file_digest(gguf_path)},
+            {
+                "converter_version": CONVERTER_VERSION,
+                "source": gguf_path.name,
+                "sha256": digest or _file_digest(gguf_path),
+            },
         )
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -345,6 +354,8 @@ def _tokenizer_proto(reader):
             ("pad", "padding_token_id", 0),
         )
     }
+    if not all(0 <= i < len(tokens) for i in ids.values()):
+        raise ModelLoadError(f"the GGUF special token ids {ids} do not fit its {len(tokens)}-token vocabulary")
     kept_control = {ids["bos"], ids["eos"], ids["pad"]}
 
     proto = spm.ModelProto()
@@ -354,8 +365,9 @@ def _tokenizer_proto(reader):
             kind = _UNKNOWN
         elif kind == _CONTROL and i not in kept_control:
             kind = _USER_DEFINED
-        if kind == _USER_DEFINED and token.strip(" ") == "" and token:
-            token = token.replace(" ", "\u2581")
+        # sentencepiece matches pieces against text whose spaces are already U+2581, so a piece
+        # spelled with ' ' (llama.cpp's spelling of the whitespace-run pieces) could never match.
+        token = token.replace(" ", "\u2581")
         proto.pieces.append(spm.ModelProto.SentencePiece(piece=token, score=float(score), type=kind))
 
     trainer = proto.trainer_spec
@@ -554,17 +566,15 @@ class _Progress:
 
     def __init__(self, total: int, *, enabled: bool):
         self.total, self.count, self.enabled = total, 0, enabled
-        self.live = enabled and sys.stderr.isatty()
-        if enabled and not self.live:
-            print(f"gemmalite: converting GGUF ({total} tensors)...", file=sys.stderr, flush=True)
+        self.live = enabled and sys.stderr.isatty()  # a log file gets two lines, not hundreds
 
     def step(self) -> None:
         self.count += 1
         if self.live:
-            print(f"\rgemmalite: converting GGUF: {self.count}/{self.total} tensors", end="", file=sys.stderr, flush=True)
+            print(f"\rgemmalite: dequantizing tensor {self.count}/{self.total}", end="", file=sys.stderr, flush=True)
 
     def done(self) -> None:
         if self.live:
             print(file=sys.stderr, flush=True)
         elif self.enabled:
-            print(f"gemmalite: converted {self.count} tensors", file=sys.stderr, flush=True)
+            print(f"gemmalite: dequantized {self.count} tensors", file=sys.stderr, flush=True)

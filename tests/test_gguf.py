@@ -145,7 +145,7 @@ def test_weights_match_transformers(converted, hf_state_dict):
     assert set(hf_state_dict) - {"lm_head.weight"} == set(ours)
     for name, value in ours.items():
         assert value.dtype == np.float32, name
-        np.testing.assert_array_equal(value, hf_state_dict[name].numpy(), err_msg=name)
+        assert torch.equal(torch.from_numpy(value), hf_state_dict[name]), name
 
 
 def test_norm_weights_are_stored_minus_one(real_tensors, converted):
@@ -253,12 +253,15 @@ def test_default_model(real_gguf, monkeypatch):
 # ----------------------------------------------------------------------------- corrupt input
 
 
-@pytest.mark.parametrize("kind", ["truncated", "random", "empty", "header_only"])
+@pytest.mark.parametrize("kind", ["truncated", "truncated_end", "random", "empty", "header_only"])
 def test_corrupt_files_raise_model_load_error(kind, real_gguf, tmp_path):
     bad = tmp_path / f"{kind}.gguf"
-    if kind == "truncated":
+    if kind == "truncated":  # cut inside the vocabulary
         with open(real_gguf, "rb") as f:
             bad.write_bytes(f.read(1 << 20))
+    elif kind == "truncated_end":  # metadata intact, last tensor short
+        with open(real_gguf, "rb") as f:
+            bad.write_bytes(f.read(real_gguf.stat().st_size - 4096))
     elif kind == "random":
         bad.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     elif kind == "empty":
@@ -412,7 +415,8 @@ def _write_synthetic(
 def test_synthetic_every_type_converts(tmp_path, real_tensors, capsys):
     expected = _write_synthetic(tmp_path / "tiny.gguf", real_tensors, rope_scaling=8.0)
     out = gguf_import.convert(tmp_path / "tiny.gguf", tmp_path / "ckpt", progress=True)
-    assert "converted" in capsys.readouterr().err  # progress goes to stderr
+    err = capsys.readouterr().err  # progress goes to stderr
+    assert "converting tiny.gguf" in err and f"{len(expected)} tensors" in err
 
     reader = gguf.GGUFReader(tmp_path / "tiny.gguf")
     used = {t.tensor_type for t in reader.tensors}
@@ -434,11 +438,12 @@ def test_synthetic_every_type_converts(tmp_path, real_tensors, capsys):
     assert config["query_pre_attn_scalar"] == HEAD_DIM
 
 
-def test_synthetic_tokenizer_fixes(tmp_path):
+def test_synthetic_tokenizer_fixes(tmp_path, capsys):
     import sentencepiece
 
     _write_synthetic(tmp_path / "tiny.gguf")
     out = gguf_import.convert(tmp_path / "tiny.gguf", tmp_path / "ckpt", progress=False)
+    assert capsys.readouterr().err == ""  # progress=False is silent
     sp = sentencepiece.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     # The two-space piece was stored as "  " and must be matched as "\u2581\u2581".
     assert sp.id_to_piece(VOCAB.index("  ")) == "\u2581\u2581"

@@ -1,0 +1,136 @@
+"""Multi-turn sessions: each turn appends only its new tokens to a live cache.
+
+The history is never prefilled again. A turn may be any length, from one token to thousands,
+whether or not the sliding layers' rings have wrapped: prefill appends in chunks after whatever
+the cache holds (see cache.py), and decoding goes on from there with the same compiled step.
+
+The cache's `lengths` is the authority on what it holds. The transcript (`tokens`) can be one
+token ahead of it: the last token a reply produced has not been fed yet, and is fed at the start
+of the next turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from .cache import KVCache
+from .errors import ContextLengthError, InvalidArgumentError
+from .tokenizer import END_OF_TURN, chat_prompt
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+class Session:
+    def __init__(self, engine: "Engine", *, system: str | None = None, chat: bool = True):
+        if system is not None and not chat:
+            raise InvalidArgumentError("system= needs chat=True")
+        self.engine = engine
+        self.system = system
+        self.chat = chat
+        self.cache = KVCache(engine.config, 1, engine.max_seq_len, device=engine.device, dtype=engine.dtype)
+        self._tokens: list[int] = []
+
+    @property
+    def tokens(self) -> list[int]:
+        """The whole transcript's token ids, <bos> first."""
+        return list(self._tokens)
+
+    @property
+    def remaining(self) -> int:
+        """How many more tokens the transcript can take before it reaches max_seq_len."""
+        return self.engine.max_seq_len - len(self._tokens)
+
+    def reset(self) -> None:
+        """Forget the conversation: an empty transcript and an empty cache."""
+        self._tokens = []
+        self.cache.reset()
+
+    def fork(self) -> "Session":
+        """An independent copy, for branching: both go on from here without touching each other."""
+        other = object.__new__(Session)
+        other.__dict__.update(self.__dict__)
+        other.cache = self.cache.fork()
+        other._tokens = list(self._tokens)
+        return other
+
+    def send(self, text: str, **options) -> str:
+        """Add a user turn (or plain text when chat=False) and return the model's reply."""
+        return "".join(self.stream(text, **options))
+
+    def stream(self, text: str, *, stop=None, **options) -> Iterator[str]:
+        """Like `send`, yielding the reply in pieces. Stopping early keeps the session usable."""
+        from .engine import _TextTail, _stops
+
+        if not isinstance(text, str):
+            raise InvalidArgumentError("a session turn is a string")
+        tail = _TextTail(self.engine, _stops(stop), self.engine._eos(options.get("ignore_eos", False), self.chat))
+        return self.engine._stream_text(self._turn(self._turn_tokens(text), **options), tail)
+
+    def send_ids(self, ids: list[int], **options) -> list[int]:
+        """Append raw token ids (no template) and return the reply's token ids."""
+        reply = []
+        for (piece,) in self._turn(list(ids), **options):
+            reply.extend(piece)
+        return reply
+
+    def _turn(
+        self,
+        turn: list[int],
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+    ) -> Iterator[list[list[int]]]:
+        """Append a turn's tokens and decode the reply: the engine's loop, on this session's cache."""
+        from .engine import _max_new
+
+        engine = self.engine
+        settings = engine._settings(temperature, top_k, top_p, min_p, seed)
+        max_new = _max_new(max_new_tokens)
+        if not turn:
+            raise InvalidArgumentError("a turn needs at least one token")
+        engine._check_ids(turn)
+        if len(self._tokens) + len(turn) >= engine.max_seq_len:
+            raise ContextLengthError(
+                f"this turn has {len(turn)} tokens, but the session has only {max(self.remaining - 1, 0)} left "
+                f"of max_seq_len={engine.max_seq_len}; reset() the session or load with a larger max_seq_len"
+            )
+        fed = int(self.cache.lengths[0])
+        self._tokens.extend(turn)
+        eos = engine._eos(ignore_eos, self.chat)
+        steps = engine._generate([self._tokens[fed:]], settings, max_new, eos, sync_every=1, cache=self.cache)
+        return self._record(steps)
+
+    def _record(self, steps: Iterator[list[list[int]]]) -> Iterator[list[list[int]]]:
+        """Pass the reply's tokens through, adding each to the transcript as it arrives."""
+        prefilled = False
+        try:
+            for pieces in steps:
+                prefilled = True
+                self._tokens.extend(pieces[0])
+                yield pieces
+        finally:
+            steps.close()
+            if not prefilled:
+                # Interrupted inside prefill: some layers may hold a half-written chunk. Start the
+                # cache over; the next turn feeds the whole transcript again.
+                self.cache.reset()
+
+    def _turn_tokens(self, text: str) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise InvalidArgumentError("text turns need a tokenizer.model; this checkpoint has none (use send_ids)")
+        if not self.chat:
+            return tokenizer.encode(text, bos=not self._tokens)
+        if not self._tokens:
+            return tokenizer.encode(chat_prompt(text, self.system), bos=True)
+        end_of_turn = tokenizer.token_id(END_OF_TURN)
+        # Close the model's turn: its reply ends with <end_of_turn> unless it was cut short.
+        closing = "\n" if self._tokens[-1] == end_of_turn else f"{END_OF_TURN}\n"
+        return tokenizer.encode(closing + chat_prompt(text), bos=False)
