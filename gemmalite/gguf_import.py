@@ -232,9 +232,14 @@ def _publish(staging: Path, out_dir: Path) -> None:
         out_dir.rmdir()  # an empty placeholder may be replaced; anything else is kept
     except OSError:
         pass
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} appeared while converting")
-    os.replace(staging, out_dir)
+    try:
+        if out_dir.exists():
+            raise FileExistsError
+        os.replace(staging, out_dir)
+    except OSError:  # ENOTEMPTY/EEXIST when another process renamed its copy in first
+        if out_dir.exists():
+            raise FileExistsError(f"{out_dir} appeared while converting") from None
+        raise
 
 
 def _open(gguf_path: Path):

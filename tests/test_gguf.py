@@ -501,6 +501,23 @@ def test_stale_cache_entry_is_rebuilt(tmp_path):
     assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]
 
 
+def test_concurrent_conversion_keeps_the_first_copy(tmp_path, monkeypatch):
+    _write_synthetic(tmp_path / "tiny.gguf")
+    convert_to_staging = gguf_import._convert_to_staging
+
+    def racing(path, entry, **kwargs):
+        ours = convert_to_staging(path, entry, **kwargs)
+        # Meanwhile another process finishes the same conversion and publishes it.
+        gguf_import._publish(convert_to_staging(path, entry, **kwargs), entry)
+        (entry / "winner").write_text("the other process")
+        return ours
+
+    monkeypatch.setattr(gguf_import, "_convert_to_staging", racing)
+    entry = gguf_import.cached_checkpoint(tmp_path / "tiny.gguf", cache_dir=tmp_path / "cache", progress=False)
+    assert (entry / "winner").read_text() == "the other process"
+    assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]  # our copy was discarded
+
+
 def test_missing_gguf_package_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)
     with pytest.raises(MissingExtraError, match=r'pip install "gemmalite\[gguf\]"'):
