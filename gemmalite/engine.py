@@ -509,9 +509,22 @@ def load(
     dtype: str | torch.dtype | None = None,
     compile: bool | None = None,
     max_seq_len: int | None = None,
+    quantize: str | None = None,
 ) -> Engine:
-    """Load a Gemma 3 checkpoint (local dir, .gguf file or Hub repo id) into an Engine."""
-    device, dtype = parse_device(device), parse_dtype(dtype)
+    """Load a Gemma 3 checkpoint (local dir, .gguf file or Hub repo id) into an Engine.
+
+    quantize="int8" stores linear weights and the head as int8 (CPU only; activations float32).
+    """
+    if quantize not in (None, "int8"):
+        raise InvalidArgumentError(f"unknown quantize={quantize!r}; the choices are None and 'int8'")
+    device = parse_device(device)
+    if quantize == "int8":
+        if device.type != "cpu":
+            raise InvalidArgumentError("quantize='int8' runs on CPU only (fbgemm kernels); on CUDA use bfloat16")
+        if dtype is not None and parse_dtype(dtype) != torch.float32:
+            raise InvalidArgumentError("quantize='int8' computes activations in float32; leave dtype unset")
+        dtype = torch.float32
+    dtype = parse_dtype(dtype)
     if compile is None:
         compile = device.type == "cuda"
     checkpoint = read_checkpoint(resolve(source))
@@ -530,6 +543,11 @@ def load(
     state = load_state_dict(checkpoint, expected, device, dtype)
     model.load_state_dict(state, assign=True)
     model.eval().requires_grad_(False)
+    if quantize == "int8":
+        from .quantize import quantize_int8
+
+        del state
+        quantize_int8(model)
 
     tokenizer = Tokenizer(checkpoint.tokenizer_file) if checkpoint.tokenizer_file else None
     defaults, extra_eos = generation_defaults(checkpoint)

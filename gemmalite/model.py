@@ -96,6 +96,13 @@ class Attention(nn.Module):
         return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
+class TiedEmbedding(nn.Embedding):
+    """Token embedding that doubles as the output head (Gemma ties them)."""
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class MLP(nn.Module):
     def __init__(self, config: GemmaConfig):
         super().__init__()
@@ -130,7 +137,7 @@ class Gemma3(nn.Module):
     def __init__(self, config: GemmaConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = TiedEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -179,7 +186,7 @@ class Gemma3(nn.Module):
         if last_only:
             last = (n_new - 1).clamp(min=0)
             x = x[torch.arange(B, device=x.device), last][:, None]  # [B, 1, hidden]
-        logits = F.linear(self.norm(x), self.embed_tokens.weight)
+        logits = self.embed_tokens.attend(self.norm(x))
         if cfg.final_logit_softcapping is not None:
             logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
         return logits

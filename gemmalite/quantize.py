@@ -1,0 +1,80 @@
+"""int8 weights for CPU decoding, run by fbgemm's int8 matmul.
+
+At batch 1, decoding reads every weight once per token, so its speed is the speed of reading
+weights. Gemma's tied 262144-row output head alone is 168M weights. int8 weights halve the bytes
+of bf16, and fbgemm's int8 kernels read them about twice as fast as the bf16 matmul does here.
+
+Weights are symmetric int8 with one scale per output channel (per row). fbgemm's kernel also
+quantizes each call's activations, dynamically, to 8 bits: `reduce_range` keeps them to 7 bits,
+which AVX2 kernels need to avoid saturating 16-bit sums. The quality cost is measured in
+scripts/bench.py --quality and recorded in weights.md.
+
+The embedding shares the head's int8 rows: a looked-up row is dequantized with its scale.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .errors import InvalidArgumentError
+
+
+def _int8_rows(weight: torch.Tensor) -> torch.Tensor:
+    """A per-row (output channel) symmetric qint8 tensor for `weight` [out, in]."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    zero = torch.zeros(w.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():
+        # Quantized tensors are deprecated upstream, but they remain the way into fbgemm's
+        # int8 matmul in this PyTorch; see the note in weights.md.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.quantize_per_channel(w, scale.double(), zero, axis=0, dtype=torch.qint8)
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, rows: torch.Tensor):
+        """`rows`: a qint8 weight [out, in] with per-row scales (see _int8_rows)."""
+        super().__init__()
+        self.out_features, self.in_features = rows.shape
+        self._packed = torch.ops.quantized.linear_prepack(rows, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fbgemm takes float32 activations [N, in].
+        flat = x.reshape(-1, self.in_features).float()
+        out = torch.ops.quantized.linear_dynamic(flat, self._packed, True)
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int8TiedEmbedding(nn.Module):
+    """The tied embedding / output head, with int8 rows."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        rows = _int8_rows(weight)
+        self.register_buffer("rows", rows.int_repr(), persistent=False)
+        self.register_buffer("scales", rows.q_per_channel_scales().float(), persistent=False)
+        self.head = Int8Linear(rows)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows[ids].float() * self.scales[ids, None]
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Swap every linear layer and the tied embedding for int8 versions, in place (CPU only)."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise InvalidArgumentError("int8 needs PyTorch's fbgemm CPU kernels, which this build lacks")
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        raise InvalidArgumentError("quantize='int8' runs on CPU only (fbgemm); on CUDA use bfloat16")
+    torch.backends.quantized.engine = "fbgemm"
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear(_int8_rows(child.weight)))
+    model.embed_tokens = Int8TiedEmbedding(model.embed_tokens.weight)
+    return model
