@@ -140,6 +140,29 @@ def _weight_files(path: Path) -> list[Path]:
     raise ModelLoadError(f"{path} has no model.safetensors or model.safetensors.index.json")
 
 
+CONVERT_BLOCK_BYTES = 64 * 2**20
+
+
+def _read_tensor(file: Path, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    with safe_open(str(file), framework="pt", device=str(device)) as f:
+        view = f.get_slice(name)
+        shape = view.get_shape()
+        if device.type != "cpu" or view.get_dtype() == _SAFETENSORS_DTYPES[dtype] or not shape:
+            # On CPU in the same dtype this is a view of the mapping; on a GPU, one copy to it.
+            return f.get_tensor(name).to(dtype)
+    # Convert in row blocks, each from its own short-lived mapping, so that a large tensor (the
+    # 262144-row embedding) never sits in memory in both dtypes at once.
+    out = torch.empty(shape, dtype=dtype)
+    step = max(1, CONVERT_BLOCK_BYTES // (4 * out[0].numel()))
+    for start in range(0, shape[0], step):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            out[start : start + step] = f.get_slice(name)[start : start + step].to(dtype)
+    return out
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
 def text_weight_name(name: str) -> str | None:
     """The model's parameter name for a checkpoint tensor, or None for tensors gemmalite skips."""
     if IGNORED.match(name):
@@ -153,11 +176,17 @@ def text_weight_name(name: str) -> str | None:
 def load_state_dict(
     checkpoint: Checkpoint, expected: dict[str, torch.Size], device: torch.device, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """Read every expected tensor once, straight to `device` and `dtype`, checking names and shapes."""
+    """Read every expected tensor once, straight to `device` and `dtype`, checking names and shapes.
+
+    safetensors maps the file: a tensor already in the target dtype on CPU stays a view of the
+    mapping (no copy). A tensor that needs converting is read from a short-lived mapping, so the
+    source pages are released as soon as it is converted and peak memory stays near the result.
+    """
     state: dict[str, torch.Tensor] = {}
     for file in checkpoint.weight_files:
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
+                names = []
                 for name in f.keys():
                     key = text_weight_name(name)
                     if key is None:
@@ -170,7 +199,9 @@ def load_state_dict(
                             f"{file.name}: tensor {name!r} has shape {list(shape)}, "
                             f"but the config implies {list(expected[key])}"
                         )
-                    state[key] = f.get_tensor(name).to(dtype)
+                    names.append((name, key))
+            for name, key in names:
+                state[key] = _read_tensor(file, name, device, dtype)
         except SafetensorError as e:
             raise ModelLoadError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
         except OSError as e:

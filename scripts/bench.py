@@ -74,12 +74,16 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 # ---------------------------------------------------------------------- engines
 class GemmaliteRunner:
-    def __init__(self, name, path, device, dtype, compile):
+    def __init__(self, name, path, device, dtype, mode):
+        """mode: eager, compiled, or int8 (CPU; int8 weights, float32 activations)."""
         self.name, self.device = name, device
         t = time.perf_counter()
-        self.engine = gemmalite.load(path, device=device, dtype=dtype, compile=compile, max_seq_len=MAX_SEQ_LEN)
+        if mode == "int8":
+            self.engine = gemmalite.load(path, device=device, quantize="int8", max_seq_len=MAX_SEQ_LEN)
+        else:
+            self.engine = gemmalite.load(path, device=device, dtype=dtype, compile=mode == "compiled", max_seq_len=MAX_SEQ_LEN)
         self.load_s = time.perf_counter() - t
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.engine.model.parameters())
+        self.weight_bytes = weight_bytes(self.engine.model)
 
     def generate(self, prompts, new_tokens) -> tuple[float, float]:
         """(time to first token, seconds for the remaining tokens)."""
@@ -90,6 +94,15 @@ class GemmaliteRunner:
 
     def kv_bytes(self) -> int:
         return self.engine._cache.nbytes if self.engine._cache is not None else 0
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights read per decoded token (int8 packs counted at one byte per weight)."""
+    from gemmalite.quantize import Int8Linear
+
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int8Linear))
+    return total
 
 
 class TransformersRunner:
@@ -246,6 +259,38 @@ def random_checkpoint(shape: str, dtype: torch.dtype, directory: Path) -> Path:
     return directory
 
 
+QUALITY_TEXTS = [
+    "The lighthouse keeper had lived on the island for thirty years. Every evening he climbed the spiral stairs",
+    "def merge_sort(items):\n    if len(items) <= 1:\n        return items\n    middle = len(items) // 2\n",
+    "Photosynthesis is the process by which green plants use sunlight to turn water and carbon dioxide into",
+    "In 1969, the Apollo 11 mission landed the first humans on the Moon. Neil Armstrong and Buzz Aldrin",
+    "Une fois par semaine, le marché du village attire des producteurs venus de toute la région pour vendre",
+]
+
+
+def quality(path, new_tokens: int) -> dict:
+    """int8 against bf16 on the same weights: KL of next-token distributions, top-1 and greedy agreement."""
+    reference = gemmalite.load(path, dtype="bfloat16", device="cpu", max_seq_len=1024)
+    quantized = gemmalite.load(path, quantize="int8", max_seq_len=1024)
+    kls, top1, greedy_same, greedy_total = [], [], 0, 0
+    for text in QUALITY_TEXTS:
+        ids = reference.tokenizer.encode(text)
+        p = torch.log_softmax(reference.logits(torch.tensor([ids])), -1)
+        q = torch.log_softmax(quantized.logits(torch.tensor([ids])), -1)
+        kls.append((p.exp() * (p - q)).sum(-1).mean().item())
+        top1.append((p.argmax(-1) == q.argmax(-1)).float().mean().item())
+        a = reference.generate_ids([ids], max_new_tokens=new_tokens, ignore_eos=True)[0]
+        b = quantized.generate_ids([ids], max_new_tokens=new_tokens, ignore_eos=True)[0]
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        greedy_same += same
+        greedy_total += len(a)
+    return {
+        "kl_int8_vs_bf16_nats": statistics.mean(kls),
+        "top1_agreement": statistics.mean(top1),
+        "greedy_tokens_equal_before_first_divergence": f"{greedy_same}/{greedy_total}",
+    }
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint dir or .gguf (default: random weights at --shape)")
@@ -259,7 +304,8 @@ def main(argv=None):
     p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[128, 4096])
     p.add_argument("--hf-static", action="store_true", help="also run transformers with a static cache and torch.compile")
     p.add_argument("--no-hf", action="store_true", help="gemmalite only")
-    p.add_argument("--gemmalite-modes", default=None, help="comma list of eager,compiled (default: the device's default)")
+    p.add_argument("--gemmalite-modes", default=None, help="comma list of eager,compiled,int8 (default: the device's default)")
+    p.add_argument("--quality", action="store_true", help="measure int8 against bf16 (KL, agreement) and exit")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--png", help="write a bar chart of decode tok/s here (needs matplotlib)")
     args = p.parse_args(argv)
@@ -277,8 +323,14 @@ def main(argv=None):
             path, label = cached_checkpoint(args.model), args.model
         else:
             path, label = Path(args.model), args.model
+        if args.quality:
+            figures = quality(path, args.new_tokens)
+            print(f"model: {label}; int8 (fbgemm) against bf16, {len(QUALITY_TEXTS)} texts, {args.new_tokens} greedy tokens each")
+            for k, v in figures.items():
+                print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+            return
         modes = args.gemmalite_modes.split(",") if args.gemmalite_modes else ["compiled" if device.type == "cuda" else "eager"]
-        runners = [GemmaliteRunner(f"gemmalite {m}", path, device, dtype, m == "compiled") for m in modes]
+        runners = [GemmaliteRunner(f"gemmalite {m}", path, device, dtype, m) for m in modes]
         if not args.no_hf:
             runners.append(TransformersRunner("transformers eager", path, device, dtype, static=False))
             if args.hf_static:
