@@ -1,5 +1,6 @@
 """gemmalite: a small, fast, from-scratch inference engine for Gemma 3."""
 
+from .check import check
 from .config import GemmaConfig
 from .engine import Engine, Stats, load
 from .errors import (
@@ -19,6 +20,7 @@ __all__ = [
     "MissingExtraError",
     "ModelLoadError",
     "Stats",
+    "check",
     "load",
 ]
 __version__ = "0.1.0"

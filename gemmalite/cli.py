@@ -2,6 +2,8 @@
 
     gemmalite "prompt" [options]          continue a prompt (read from stdin when absent)
     gemmalite convert FILE.gguf OUT_DIR   turn a GGUF into a checkpoint directory
+    gemmalite chat [options]              a conversation, one turn per line
+    gemmalite check [options]             check the compiled path on this machine
 
 The bare-prompt form and the sub-commands share one entry point: when the first argument names
 a sub-command (a key of COMMANDS) it runs that; anything else is the prompt form. A prompt that
@@ -242,8 +244,113 @@ def _run_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+CHAT_HINT = "type a message and press Enter; /reset starts over, /exit quits; Ctrl-C stops a reply, Ctrl-D exits"
+CHAT_COMMANDS = "commands: /reset (start a new conversation), /exit or /quit (leave); Ctrl-C stops a reply"
+
+
+def _configure_chat(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--system", metavar="TEXT", help="system prompt for the conversation")
+    add_model_args(parser)
+    add_sampling_args(parser)
+    add_quiet_arg(parser)
+
+
+def _note(message: str) -> None:
+    """A line on stderr answering something the user did in the chat (shown even with --quiet)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _chat_turn(session, text: str, options: dict) -> None:
+    """Stream one reply to stdout. Ctrl-C stops it; the session keeps the part already produced."""
+    pieces = None
+    try:
+        pieces = session.stream(text, **options)
+        for piece in pieces:
+            write_out(piece)
+    except KeyboardInterrupt:
+        write_out("\n")
+        _note("[interrupted]")
+        return
+    except ContextLengthError as e:
+        _note(f"{PROG}: {_one_line(e)} (type /reset to start a new conversation)")
+        return
+    finally:
+        if pieces is not None:
+            pieces.close()
+    write_out("\n")
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    check_args(args)
+    engine = load_engine(args)
+    session = engine.session(system=args.system, chat=True)
+    options = sampling_kwargs(args)
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
+    info(args, CHAT_HINT)
+    prompt = "> " if interactive else ""
+    while True:
+        try:
+            line = input(prompt)
+        except KeyboardInterrupt:  # like a shell: drop the line, show a fresh prompt
+            write_out("\n")
+            continue
+        except EOFError:
+            if interactive:
+                write_out("\n")
+            return EXIT_OK
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            command = line.split()[0].lower()
+            if command in ("/exit", "/quit"):
+                return EXIT_OK
+            if command == "/reset":
+                session.reset()
+                _note("[conversation cleared]")
+            else:
+                _note(f"unknown command {command}; {CHAT_COMMANDS}")
+            continue
+        _chat_turn(session, line, options)
+
+
+def _configure_check(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", metavar="SRC", help="check this model instead of a tiny random one")
+    parser.add_argument("--device", metavar="D", help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--dtype", metavar="D", help="bfloat16 or float32 (default: float32, so that eager and compiled match exactly)")
+    parser.add_argument("--steps", type=int, default=200, metavar="N", help="greedy steps to compare (default: 200)")
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from .check import check
+    from .engine import parse_device, parse_dtype
+
+    if args.steps < 1:
+        raise InvalidArgumentError(f"--steps must be >= 1, got {args.steps}")
+    parse_device(args.device)
+    parse_dtype(args.dtype)
+    section = None
+
+    def show(result) -> None:
+        nonlocal section
+        if result.section != section:
+            section = result.section
+            print(section, flush=True)
+        print("  " + result.line(), flush=True)
+
+    report = check(device=args.device, model=args.model, dtype=args.dtype, steps=args.steps, on_result=show)
+    print(report.summary(), flush=True)
+    return EXIT_OK if report.ok else EXIT_RUNTIME
+
+
 COMMANDS: dict[str, Command] = {
     "convert": Command("convert a GGUF file into a checkpoint directory", _configure_convert, _run_convert),
+    "chat": Command("talk with a model in turns (for instruction-tuned models)", _configure_chat, _run_chat),
+    "check": Command("prove the compiled decode path on this machine and measure it", _configure_check, _run_check),
 }
 
 

@@ -513,7 +513,7 @@ def load(
 ) -> Engine:
     """Load a Gemma 3 checkpoint (local dir, .gguf file or Hub repo id) into an Engine.
 
-    quantize="int8" stores linear weights and the head as int8 (CPU only; activations float32).
+    quantize="int8" stores most linear weights and the head as int8 (CPU only); see quantize.py.
     """
     if quantize not in (None, "int8"):
         raise InvalidArgumentError(f"unknown quantize={quantize!r}; the choices are None and 'int8'")
@@ -521,9 +521,6 @@ def load(
     if quantize == "int8":
         if device.type != "cpu":
             raise InvalidArgumentError("quantize='int8' runs on CPU only (fbgemm kernels); on CUDA use bfloat16")
-        if dtype is not None and parse_dtype(dtype) != torch.float32:
-            raise InvalidArgumentError("quantize='int8' computes activations in float32; leave dtype unset")
-        dtype = torch.float32
     dtype = parse_dtype(dtype)
     if compile is None:
         compile = device.type == "cuda"

@@ -5,21 +5,37 @@ weights. Gemma's tied 262144-row output head alone is 168M weights. int8 weights
 of bf16, and fbgemm's int8 kernels read them about twice as fast as the bf16 matmul does here.
 
 Weights are symmetric int8 with one scale per output channel (per row). fbgemm's kernel also
-quantizes each call's activations, dynamically, to 8 bits: `reduce_range` keeps them to 7 bits,
-which AVX2 kernels need to avoid saturating 16-bit sums. The quality cost is measured in
-scripts/bench.py --quality and recorded in weights.md.
+quantizes each call's activations, per token, to 8 bits; CPUs without VNNI need them kept to 7
+bits (`reduce_range`) so that their 16-bit pair sums cannot saturate.
 
-The embedding shares the head's int8 rows: a looked-up row is dequantized with its scale.
+Which layers: the head and every projection except each MLP's down_proj. down_proj's input,
+gelu(gate) * up, has outliers that 8-bit activations cannot hold: quantizing it alone costs
+more than all the others together (measured on Gemma 3 270M; see weights.md). The embedding
+shares the head's int8 rows: a looked-up row is dequantized with its scale.
+
+Activations stay in the engine's dtype between layers; only the int8 matmuls run in float32.
 """
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import InvalidArgumentError
+
+
+def _cpu_has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags or "asimddp" in flags
+
+
+REDUCE_RANGE = not _cpu_has_vnni()
 
 
 def _int8_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -44,7 +60,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fbgemm takes float32 activations [N, in].
         flat = x.reshape(-1, self.in_features).float()
-        out = torch.ops.quantized.linear_dynamic(flat, self._packed, True)
+        out = torch.ops.quantized.linear_dynamic(flat, self._packed, REDUCE_RANGE)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -57,16 +73,20 @@ class Int8TiedEmbedding(nn.Module):
         self.register_buffer("rows", rows.int_repr(), persistent=False)
         self.register_buffer("scales", rows.q_per_channel_scales().float(), persistent=False)
         self.head = Int8Linear(rows)
+        self.dtype = weight.dtype  # the engine's activation dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.rows[ids].float() * self.scales[ids, None]
+        return (self.rows[ids].float() * self.scales[ids, None]).to(self.dtype)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x)
 
 
+KEEP_FLOAT = ("down_proj",)
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Swap every linear layer and the tied embedding for int8 versions, in place (CPU only)."""
+    """Swap the linear layers (but down_proj) and the tied embedding for int8 versions, in place (CPU only)."""
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         raise InvalidArgumentError("int8 needs PyTorch's fbgemm CPU kernels, which this build lacks")
     if any(p.device.type != "cpu" for p in model.parameters()):
@@ -74,7 +94,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     torch.backends.quantized.engine = "fbgemm"
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) and name not in KEEP_FLOAT:
                 setattr(module, name, Int8Linear(_int8_rows(child.weight)))
     model.embed_tokens = Int8TiedEmbedding(model.embed_tokens.weight)
     return model
