@@ -1,0 +1,168 @@
+"""`gemmalite chat`, driven as a person would: through a pseudo-terminal, with pexpect.
+
+The replies are checked against a Session on the same tiny model (greedy, so deterministic).
+On the terminal every "\n" the program writes arrives as "\r\n".
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+BASE = ["--dtype", "float32", "--device", "cpu", "--no-compile", "--ignore-eos"]
+LINES = ["Hello there", "How are you today?"]
+PROMPT = "> "
+
+
+def spawn(model, *args) -> tuple[pexpect.spawn, io.StringIO]:
+    log = io.StringIO()
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "gemmalite.cli", "chat", "--model", str(model), *BASE, *map(str, args)],
+        encoding="utf-8",
+        codec_errors="replace",
+        timeout=30,
+        dimensions=(40, 1000),  # wide: readline never wraps a long input line
+        env={**os.environ, "TERM": "dumb", "PYTHONIOENCODING": "utf-8"},
+    )
+    child.logfile_read = log
+    return child, log
+
+
+def on_tty(text: str) -> str:
+    return text.replace("\n", "\r\n")
+
+
+def expect_reply(child, line: str, reply: str) -> None:
+    """Send a line; expect its echo, exactly `reply` and a newline, then the next prompt."""
+    child.sendline(line)
+    child.expect_exact(line + "\r\n")
+    child.expect_exact(on_tty(reply) + "\r\n")
+    assert child.before == ""  # nothing between the echo and the reply
+    child.expect_exact(PROMPT)
+    assert child.before == ""  # nothing between the reply and the prompt
+
+
+def finish(child, log, status: int = 0) -> None:
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == status, log.getvalue()
+    assert child.signalstatus is None
+    assert "Traceback" not in log.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    return tiny[0]
+
+
+@pytest.fixture(scope="module")
+def replies(tiny_engine):
+    """The two replies of an 8-token-per-reply conversation, and the transcript's length."""
+    session = tiny_engine.session()
+    first = session.send(LINES[0], max_new_tokens=8, ignore_eos=True)
+    second = session.send(LINES[1], max_new_tokens=8, ignore_eos=True)
+    alone = tiny_engine.session().send(LINES[1], max_new_tokens=8, ignore_eos=True)
+    assert first and second and first != second
+    assert second != alone  # so matching `second` proves the history was kept
+    return first, second, len(session.tokens)
+
+
+def test_conversation_reset_commands_and_context_limit(model, replies):
+    first, second, used = replies
+    # Room for the two turns, not for a third long one.
+    child, log = spawn(model, "-n", 8, "--max-seq-len", used + 12)
+    child.expect_exact("gemmalite: loaded")
+    child.expect_exact("Ctrl-C stops a reply, Ctrl-D exits")
+    child.expect_exact(PROMPT)
+
+    expect_reply(child, LINES[0], first)
+    expect_reply(child, LINES[1], second)  # the whole transcript so far, not just this line
+
+    child.sendline("")  # empty lines are ignored
+    child.expect_exact(PROMPT)
+    assert child.before.strip() == ""
+
+    child.sendline("/xyz")
+    child.expect_exact(PROMPT)
+    hint = child.before.strip().splitlines()
+    assert len(hint) == 2 and hint[0] == "/xyz"
+    assert "unknown command /xyz" in hint[1] and "/reset" in hint[1] and "/exit" in hint[1]
+
+    long_line = " ".join(["The quick brown fox jumps over the lazy dog."] * 4)
+    child.sendline(long_line)
+    child.expect_exact(PROMPT)
+    error = child.before.strip().splitlines()
+    assert len(error) == 2 and error[0] == long_line  # the echo, then one line on stderr
+    assert error[1].startswith("gemmalite: ") and "left" in error[1] and "/reset" in error[1]
+    assert "Traceback" not in error[1]
+
+    child.sendline("/reset")
+    child.expect_exact("[conversation cleared]")
+    child.expect_exact(PROMPT)
+    expect_reply(child, LINES[0], first)  # a fresh conversation gives the first reply again
+
+    child.sendline("/exit")
+    finish(child, log)
+
+
+def test_ctrl_c_stops_a_reply_and_the_session_goes_on(model, tiny_engine):
+    start = tiny_engine.session().send(LINES[0], max_new_tokens=12, ignore_eos=True)[:12]
+    assert start.strip()
+    child, log = spawn(model, "-n", 100000)
+    child.expect_exact(PROMPT)
+
+    # Ctrl-C at the prompt cancels the line being typed and shows a fresh prompt.
+    child.send("abc")
+    child.expect_exact("abc")
+    child.sendintr()
+    child.expect_exact(PROMPT)
+
+    # Ctrl-C while a (100000-token) reply streams stops it and returns to the prompt.
+    child.sendline(LINES[0])
+    child.expect_exact(LINES[0] + "\r\n")
+    child.expect_exact(on_tty(start))  # the cancelled "abc" did not reach the model
+    child.sendintr()
+    child.expect_exact("[interrupted]")
+    child.expect_exact(PROMPT)
+
+    # The next turn still works: it continues the conversation, and can be stopped too.
+    child.sendline(LINES[1])
+    child.expect_exact(LINES[1] + "\r\n")
+    child.expect(r"\S")
+    child.sendintr()
+    child.expect_exact("[interrupted]")
+    child.expect_exact(PROMPT)
+
+    # After /reset the first line gives the first reply again.
+    child.sendline("/reset")
+    child.expect_exact(PROMPT)
+    child.sendline(LINES[0])
+    child.expect_exact(LINES[0] + "\r\n")
+    child.expect_exact(on_tty(start))
+    child.sendintr()
+    child.expect_exact(PROMPT)
+
+    child.sendeof()  # Ctrl-D at the prompt exits 0
+    finish(child, log)
+
+
+def test_piped_input_prints_only_the_replies(model, replies):
+    first, second, _ = replies
+    done = subprocess.run(
+        [sys.executable, "-m", "gemmalite.cli", "chat", "-m", str(model), *BASE, "-n", "8", "-q"],
+        input="\n".join(LINES) + "\n",
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{first}\n{second}\n"  # no prompts when stdin is not a terminal
+    assert done.stderr == ""
