@@ -523,7 +523,8 @@ def _settings_text(settings: dict) -> str:
 
 
 _GRAPH_LAUNCH = ("cudaGraphLaunch", "cuGraphLaunch")
-_KERNEL_LAUNCH = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchCooperativeKernel")
+# Runtime and driver API names as the profiler records them (prefixes: cudaLaunchKernelExC, cuLaunchKernelEx).
+_KERNEL_LAUNCH = ("cudaLaunchKernel", "__cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchCooperativeKernel")
 
 
 def _launches(engine: Engine, prompt: list[int], n: int) -> tuple[int, int]:
@@ -535,7 +536,7 @@ def _launches(engine: Engine, prompt: list[int], n: int) -> tuple[int, int]:
         torch.cuda.synchronize()
     names = Counter(event.name for event in prof.events())
     graphs = sum(count for name, count in names.items() if name.startswith(_GRAPH_LAUNCH))
-    kernels = sum(count for name, count in names.items() if name.startswith(_KERNEL_LAUNCH) and name not in _GRAPH_LAUNCH)
+    kernels = sum(count for name, count in names.items() if name.startswith(_KERNEL_LAUNCH))
     return graphs, kernels
 
 

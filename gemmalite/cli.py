@@ -283,6 +283,8 @@ def _chat_turn(session, text: str, options: dict) -> None:
 def _run_chat(args: argparse.Namespace) -> int:
     check_args(args)
     engine = load_engine(args)
+    if engine.tokenizer is None:
+        raise InvalidArgumentError("this checkpoint has no tokenizer.model, so it cannot chat: turns are text")
     session = engine.session(system=args.system, chat=True)
     options = sampling_kwargs(args)
     interactive = sys.stdin is not None and sys.stdin.isatty()

@@ -14,6 +14,8 @@ import sys
 import pexpect
 import pytest
 
+from gemmalite import cli
+
 BASE = ["--dtype", "float32", "--device", "cpu", "--no-compile", "--ignore-eos"]
 LINES = ["Hello there", "How are you today?"]
 PROMPT = "> "
@@ -152,17 +154,37 @@ def test_ctrl_c_stops_a_reply_and_the_session_goes_on(model, tiny_engine):
     finish(child, log)
 
 
-def test_piped_input_prints_only_the_replies(model, replies):
+def test_piped_input_prints_only_the_replies_and_system_passes_through(model, replies, tiny_engine):
     first, second, _ = replies
-    done = subprocess.run(
-        [sys.executable, "-m", "gemmalite.cli", "chat", "-m", str(model), *BASE, "-n", "8", "-q"],
-        input="\n".join(LINES) + "\n",
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == f"{first}\n{second}\n"  # no prompts when stdin is not a terminal
-    assert done.stderr == ""
+    system = "You answer in one word."
+    session = tiny_engine.session(system=system)
+    with_system = [session.send(line, max_new_tokens=8, ignore_eos=True) for line in LINES]
+    assert with_system != [first, second]
+    for extra, expected in (([], [first, second]), (["--system", system], with_system)):
+        done = subprocess.run(
+            [sys.executable, "-m", "gemmalite.cli", "chat", "-m", str(model), *BASE, "-n", "8", "-q", *extra],
+            input="\n".join(LINES) + "\n",
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "".join(reply + "\n" for reply in expected)  # no prompts: stdin is not a terminal
+        assert done.stderr == ""
+
+
+def test_a_checkpoint_without_tokenizer_is_refused_before_the_first_prompt(capsys, monkeypatch, model, tmp_path):
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        if (model / name).exists():
+            (tmp_path / name).write_bytes((model / name).read_bytes())
+
+    def no_input(prompt=""):
+        raise AssertionError("chat prompted for input")
+
+    monkeypatch.setattr("builtins.input", no_input)
+    status = cli.main(["chat", "-m", str(tmp_path), *BASE])
+    out, err = capsys.readouterr()
+    assert status == 2 and out == ""
+    assert err.splitlines()[-1].startswith("gemmalite: error: ") and "tokenizer" in err
