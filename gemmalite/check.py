@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import GemmaConfig
-from .engine import Engine, decode_step, parse_device, parse_dtype
+from .engine import Engine, parse_device, parse_dtype
 from .errors import InvalidArgumentError
 from .model import Gemma3
 from .sampling import SamplingSettings
@@ -369,12 +369,6 @@ def _check_inductor(device: torch.device, add) -> None:
 
 
 # ------------------------------------------------------------------ checks
-def _graph_count() -> int:
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-    return len(_debug_get_cache_entry_list(decode_step.__code__))
-
-
 def _counter(group: str, key: str | None = None) -> int:
     from torch._dynamo.utils import counters
 
@@ -420,7 +414,7 @@ def _divergence_note(eager: Engine, prompt: list[int], expected: list[int], got:
 def _checks(eager: Engine, compiled: Engine, steps: int, add) -> None:
     window = min(eager.config.sliding_window, eager.max_seq_len)  # a ring is never longer than the context
     greedy_prompt = _prompt(eager, 5, seed=0)
-    graphs_before = _graph_count()
+    graphs_before = compiled.graph_count()
     unique_before = _counter("stats", "unique_graphs")
     breaks_before = _counter("graph_break")
     compiled_calls = 0
@@ -462,7 +456,7 @@ def _checks(eager: Engine, compiled: Engine, steps: int, add) -> None:
         sampled_ok &= same
         sampled_detail.append(f"{_settings_text(settings)}: {detail}")
     add(CHECKS, "compiled == eager sampled (seeded)", PASS if sampled_ok else FAIL, "; ".join(sampled_detail))
-    graphs_after = _graph_count()
+    graphs_after = compiled.graph_count()
 
     # ... and once every graph exists, more steps and more settings must not compile anything.
     repeat_error = None
@@ -475,7 +469,7 @@ def _checks(eager: Engine, compiled: Engine, steps: int, add) -> None:
             compiled_calls += 2
         except Exception as e:  # noqa: BLE001
             repeat_error = _one_line(e)
-    graphs_final = _graph_count()
+    graphs_final = compiled.graph_count()
     new_graphs = graphs_after - graphs_before
     unique = _counter("stats", "unique_graphs") - unique_before
     limit = torch._dynamo.config.recompile_limit
@@ -484,10 +478,8 @@ def _checks(eager: Engine, compiled: Engine, steps: int, add) -> None:
         f"{new_graphs} new decode_step graph(s) over 3 calls (greedy + 2 sampling, prompts of {lengths} tokens), "
         f"{graphs_final - graphs_after} more over 2 further calls ({REPEAT_GREEDY[1] + REPEAT_SAMPLED[2]} steps, prompts of "
         f"{REPEAT_GREEDY[0]}/{REPEAT_SAMPLED[0]} tokens) under fail_on_recompile; "
-        f"{graphs_final} cached in this process (recompile limit {limit}); dynamo compiled {unique} graph(s) in all"
+        f"{graphs_final} held by this engine (recompile limit {limit}); dynamo compiled {unique} graph(s) in all"
     )
-    if new_graphs == 0 and graphs_after:
-        detail += " (these shapes were already compiled earlier in this process)"
     problems = []
     if new_graphs > 2:
         problems.append(f"expected at most 2 graphs (greedy + sampling) for batch size 1, got {new_graphs}")

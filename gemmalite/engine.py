@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -53,6 +54,13 @@ def decode_step(
     return next_tokens, active & ~finished
 
 
+def _own_copy(fn):
+    """A new function with its own code object, otherwise identical to `fn`."""
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__doc__, copy.__qualname__ = fn.__doc__, fn.__qualname__
+    return copy
+
+
 @dataclass
 class Stats:
     """Figures from the last generation call."""
@@ -90,13 +98,24 @@ class Engine:
         self.defaults = defaults
         self.eos_ids = tuple(dict.fromkeys([*model.config.eos_token_ids, *eos_ids]))
         self.compiled = compile
-        self._step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False) if compile else decode_step
+        # Dynamo keeps compiled graphs per code object and caps how many one may hold. Each engine
+        # compiles its own copy of decode_step, so engines never crowd out each other's graphs.
+        self._step_fn = _own_copy(decode_step)
+        self._step = (
+            torch.compile(self._step_fn, mode="reduce-overhead", fullgraph=True, dynamic=False) if compile else self._step_fn
+        )
         self._cache: KVCache | None = None
         self.last_stats = Stats()
 
     @property
     def config(self) -> GemmaConfig:
         return self.model.config
+
+    def graph_count(self) -> int:
+        """How many graphs this engine's decode step has compiled (one per batch size and mode)."""
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return len(_debug_get_cache_entry_list(self._step_fn.__code__)) if self.compiled else 0
 
     # -------------------------------------------------------------- public API
     @torch.no_grad()
