@@ -114,6 +114,7 @@ def convert(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, progres
     without the gguf extra, and InvalidArgumentError if `out_dir` holds something already.
     """
     gguf_path, out_dir = Path(gguf_path).expanduser(), Path(out_dir).expanduser()
+    _import_gguf()  # without the extra, say so before anything else
     if not gguf_path.is_file():
         raise ModelLoadError(f"GGUF file not found: {gguf_path}")
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
