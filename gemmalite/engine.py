@@ -26,10 +26,10 @@ from .errors import ContextLengthError, InvalidArgumentError, ModelLoadError
 from .model import Gemma3
 from .sampling import SamplerState, SamplingSettings, greedy, sample, sampler_state
 from .tokenizer import END_OF_TURN, Tokenizer, chat_prompt
+from .weights import Checkpoint, load_state_dict, read_checkpoint, resolve
 
 if TYPE_CHECKING:
     from .session import Session
-from .weights import Checkpoint, load_state_dict, read_checkpoint, resolve
 
 DEFAULT_MAX_SEQ_LEN = 8192
 DEFAULT_MAX_NEW_TOKENS = 256

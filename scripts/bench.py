@@ -268,10 +268,18 @@ QUALITY_TEXTS = [
 ]
 
 
-def quality(path, new_tokens: int) -> dict:
-    """int8 against bf16 on the same weights: KL of next-token distributions, top-1 and greedy agreement."""
-    reference = gemmalite.load(path, dtype="bfloat16", device="cpu", max_seq_len=1024)
-    quantized = gemmalite.load(path, quantize="int8", max_seq_len=1024)
+def quality(path, new_tokens: int, reference_path=None) -> dict:
+    """KL of next-token distributions, top-1 and greedy agreement against a reference.
+
+    Without reference_path: int8 against bf16 on the same weights. With it: --model against
+    another checkpoint of the same model (say, a quantized GGUF against the original weights).
+    """
+    if reference_path is None:
+        reference = gemmalite.load(path, dtype="bfloat16", device="cpu", max_seq_len=1024)
+        quantized = gemmalite.load(path, quantize="int8", max_seq_len=1024)
+    else:
+        reference = gemmalite.load(reference_path, dtype="float32", device="cpu", max_seq_len=1024)
+        quantized = gemmalite.load(path, dtype="float32", device="cpu", max_seq_len=1024)
     kls, top1, greedy_same, greedy_total = [], [], 0, 0
     for text in QUALITY_TEXTS:
         ids = reference.tokenizer.encode(text)
@@ -285,7 +293,7 @@ def quality(path, new_tokens: int) -> dict:
         greedy_same += same
         greedy_total += len(a)
     return {
-        "kl_int8_vs_bf16_nats": statistics.mean(kls),
+        "kl_nats": statistics.mean(kls),
         "top1_agreement": statistics.mean(top1),
         "greedy_tokens_equal_before_first_divergence": f"{greedy_same}/{greedy_total}",
     }
@@ -306,6 +314,7 @@ def main(argv=None):
     p.add_argument("--no-hf", action="store_true", help="gemmalite only")
     p.add_argument("--gemmalite-modes", default=None, help="comma list of eager,compiled,int8 (default: the device's default)")
     p.add_argument("--quality", action="store_true", help="measure int8 against bf16 (KL, agreement) and exit")
+    p.add_argument("--reference", help="with --quality: compare --model (float32) against this checkpoint instead")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--png", help="write a bar chart of decode tok/s here (needs matplotlib)")
     args = p.parse_args(argv)
@@ -324,8 +333,9 @@ def main(argv=None):
         else:
             path, label = Path(args.model), args.model
         if args.quality:
-            figures = quality(path, args.new_tokens)
-            print(f"model: {label}; int8 (fbgemm) against bf16, {len(QUALITY_TEXTS)} texts, {args.new_tokens} greedy tokens each")
+            figures = quality(path, args.new_tokens, args.reference)
+            what = f"float32 against {args.reference}" if args.reference else "int8 (fbgemm) against bf16"
+            print(f"model: {label}; {what}; {len(QUALITY_TEXTS)} texts, {args.new_tokens} greedy tokens each")
             for k, v in figures.items():
                 print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
             return
