@@ -101,9 +101,13 @@ class Engine:
         # Dynamo keeps compiled graphs per code object and caps how many one may hold. Each engine
         # compiles its own copy of decode_step, so engines never crowd out each other's graphs.
         self._step_fn = _own_copy(decode_step)
-        self._step = (
-            torch.compile(self._step_fn, mode="reduce-overhead", fullgraph=True, dynamic=False) if compile else self._step_fn
-        )
+        self._step = self._step_fn
+        if compile:
+            # On CPU there are no CUDA graphs to replay; a C++ wrapper cuts the per-kernel Python
+            # overhead instead (it cannot be combined with CUDA graphs, so CUDA keeps the default).
+            options = {"cpp_wrapper": True} if device.type == "cpu" else None
+            mode = "reduce-overhead" if options is None else None
+            self._step = torch.compile(self._step_fn, mode=mode, options=options, fullgraph=True, dynamic=False)
         self._cache: KVCache | None = None
         self.last_stats = Stats()
 

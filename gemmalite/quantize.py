@@ -18,7 +18,9 @@ Activations stay in the engine's dtype between layers; only the int8 matmuls run
 
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -50,17 +52,35 @@ def _int8_rows(weight: torch.Tensor) -> torch.Tensor:
         return torch.quantize_per_channel(w, scale.double(), zero, axis=0, dtype=torch.qint8)
 
 
+# fbgemm's packed weights are opaque objects that torch.compile cannot take as inputs, so the
+# matmul is a custom op that finds them by key: compiled graphs call it like any other kernel.
+_PACKED: dict[int, object] = {}
+_keys = itertools.count()
+
+
+@torch.library.custom_op("gemmalite::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    """x [N, in] float32 @ int8 weight [out, in]^T, by fbgemm."""
+    return torch.ops.quantized.linear_dynamic(x, _PACKED[key], REDUCE_RANGE)
+
+
+@int8_linear.register_fake
+def _(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
 class Int8Linear(nn.Module):
     def __init__(self, rows: torch.Tensor):
         """`rows`: a qint8 weight [out, in] with per-row scales (see _int8_rows)."""
         super().__init__()
         self.out_features, self.in_features = rows.shape
-        self._packed = torch.ops.quantized.linear_prepack(rows, None)
+        self.key = next(_keys)
+        _PACKED[self.key] = torch.ops.quantized.linear_prepack(rows, None)
+        weakref.finalize(self, _PACKED.pop, self.key, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fbgemm takes float32 activations [N, in].
         flat = x.reshape(-1, self.in_features).float()
-        out = torch.ops.quantized.linear_dynamic(flat, self._packed, REDUCE_RANGE)
+        out = int8_linear(flat, self.key, self.out_features)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 

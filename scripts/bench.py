@@ -75,13 +75,17 @@ def peak_memory_bytes(device: torch.device) -> int:
 # ---------------------------------------------------------------------- engines
 class GemmaliteRunner:
     def __init__(self, name, path, device, dtype, mode):
-        """mode: eager, compiled, or int8 (CPU; int8 weights, float32 activations)."""
+        """mode: eager, compiled, int8 or int8-compiled (int8: CPU only)."""
         self.name, self.device = name, device
         t = time.perf_counter()
-        if mode == "int8":
-            self.engine = gemmalite.load(path, device=device, quantize="int8", max_seq_len=MAX_SEQ_LEN)
-        else:
-            self.engine = gemmalite.load(path, device=device, dtype=dtype, compile=mode == "compiled", max_seq_len=MAX_SEQ_LEN)
+        self.engine = gemmalite.load(
+            path,
+            device=device,
+            dtype=dtype,
+            compile=mode.endswith("compiled"),
+            quantize="int8" if mode.startswith("int8") else None,
+            max_seq_len=MAX_SEQ_LEN,
+        )
         self.load_s = time.perf_counter() - t
         self.weight_bytes = weight_bytes(self.engine.model)
 
@@ -312,7 +316,7 @@ def main(argv=None):
     p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[128, 4096])
     p.add_argument("--hf-static", action="store_true", help="also run transformers with a static cache and torch.compile")
     p.add_argument("--no-hf", action="store_true", help="gemmalite only")
-    p.add_argument("--gemmalite-modes", default=None, help="comma list of eager,compiled,int8 (default: the device's default)")
+    p.add_argument("--gemmalite-modes", default=None, help="comma list of eager,compiled,int8,int8-compiled (default: the device's default)")
     p.add_argument("--quality", action="store_true", help="measure int8 against bf16 (KL, agreement) and exit")
     p.add_argument("--reference", help="with --quality: compare --model (float32) against this checkpoint instead")
     p.add_argument("--json", help="write the results here")

@@ -54,3 +54,16 @@ def test_int8_on_real_weights_keeps_most_top1_predictions(real_270m_dir):
 def test_bad_quantize_values(tiny, kwargs, message):
     with pytest.raises(InvalidArgumentError, match=message):
         gemmalite.load(tiny[0], **kwargs)
+
+
+def test_compiled_int8_decode_equals_eager_int8(tiny):
+    """fbgemm's matmul runs inside the compiled graph (as a custom op) with the same results."""
+    eager = gemmalite.load(tiny[0], quantize="int8", dtype="float32")
+    compiled = gemmalite.Engine(
+        eager.model, eager.tokenizer, device=eager.device, dtype=eager.dtype, compile=True, max_seq_len=eager.max_seq_len
+    )
+    prompt = [[2, 33, 34, 35]]
+    assert compiled.generate_ids(prompt, max_new_tokens=40, ignore_eos=True) == eager.generate_ids(
+        prompt, max_new_tokens=40, ignore_eos=True
+    )
+    assert compiled.graph_count() == 1
