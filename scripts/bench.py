@@ -184,12 +184,14 @@ def benchmark(runners, args, device, bandwidth) -> list[Result]:
     results = {r.name: Result(r.name) for r in runners}
     for r in runners:
         results[r.name].figures["load_s"] = r.load_s
-    # First call: compile time (where there is any) plus a first generation.
+    # First call: compile time (where there is any) plus a first generation. Then warm every
+    # batch size, so that no measured run includes compiling a graph.
     for r in runners:
         t = time.perf_counter()
         r.generate([prompt(16, 0)], 8)
         results[r.name].figures["first_call_s"] = time.perf_counter() - t
-        r.generate([prompt(16, 0)], 8)
+        for batch in args.batches:
+            r.generate([prompt(16, s) for s in range(batch)], 8)
 
     def each(fn, key_fn):
         for i in range(args.runs):
