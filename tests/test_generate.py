@@ -135,3 +135,24 @@ def test_same_seed_same_tokens_on_fresh_engines(tiny, tiny_engine):
     other = tiny_engine.generate_ids([[2, 10, 11]], **{**kw, "seed": 99})
     assert first == again == fresh
     assert first != other
+
+
+def test_generation_config_sets_the_defaults_and_extra_eos(tiny, tmp_path):
+    import json
+    import shutil
+
+    directory = shutil.copytree(tiny[0], tmp_path / "ckpt")
+    (directory / "generation_config.json").write_text(
+        json.dumps({"do_sample": True, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "eos_token_id": [1, 106]})
+    )
+    engine = gemmalite.load(directory, dtype="float32")
+    assert (engine.defaults.temperature, engine.defaults.top_k, engine.defaults.top_p) == (0.7, 5, 0.9)
+    assert 106 in engine.eos_ids and 1 in engine.eos_ids
+    prompt = [[2, 30, 31, 32]]
+    by_default = engine.generate_ids(prompt, max_new_tokens=20, seed=5, ignore_eos=True)
+    explicit = engine.generate_ids(prompt, max_new_tokens=20, seed=5, ignore_eos=True, temperature=0.7, top_k=5, top_p=0.9)
+    greedy = engine.generate_ids(prompt, max_new_tokens=20, ignore_eos=True, temperature=0)
+    assert by_default == explicit != greedy
+    plain = gemmalite.load(tiny[0], dtype="float32")  # no generation_config.json: greedy
+    assert plain.defaults.greedy
+    assert plain.generate_ids(prompt, max_new_tokens=20, ignore_eos=True) == greedy
