@@ -159,20 +159,21 @@ class Gemma3(nn.Module):
         x = self.embed_tokens(ids)
         x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
 
-        if cache is None:
+        if cache is None:  # a plain forward: the chunk is the whole text, and its own keys
             chunk = None
             positions, valid = chunk_positions(torch.zeros_like(n_new), n_new, T)
-            masks = {
-                kind: attention_mask(positions, valid, positions, valid, cfg.sliding_window if kind else None)
-                for kind in (True, False)
-            }
         else:
             chunk = cache.chunk(n_new, T)
             positions, valid = chunk.positions, chunk.valid
-            masks = {
-                kind: attention_mask(positions, valid, *cache.key_positions(chunk, kind), cfg.sliding_window if kind else None)
-                for kind in (True, False)
-            }
+
+        def keys(sliding: bool):
+            return (positions, valid) if cache is None else cache.key_positions(chunk, sliding)
+
+        # One mask and one RoPE table per kind of layer, keyed by `sliding`, shared by all blocks.
+        masks = {
+            sliding: attention_mask(positions, valid, *keys(sliding), cfg.sliding_window if sliding else None)
+            for sliding in (True, False)
+        }
         rope = {
             True: rope_cos_sin(positions, cfg.head_dim, cfg.rope_local_base, 1.0, x.dtype),
             False: rope_cos_sin(positions, cfg.head_dim, cfg.rope_global_base, cfg.rope_global_scale, x.dtype),
