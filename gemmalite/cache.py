@@ -37,7 +37,6 @@ class Chunk(NamedTuple):
     n_new: torch.Tensor  # [B] real tokens in this chunk
     positions: torch.Tensor  # [B, T]
     valid: torch.Tensor  # [B, T]
-    rows: torch.Tensor  # [B, 1]
     global_slots: torch.Tensor  # [B, T]
     ring_slots: torch.Tensor  # [B, T]
 
@@ -65,6 +64,7 @@ class KVCache:
             self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
             self.values.append(torch.zeros(shape, device=device, dtype=dtype))
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.rows = torch.arange(batch_size, device=device)[:, None]  # row index for writes [B, 1]
         self._mark_static()
 
     def _mark_static(self):
@@ -106,8 +106,7 @@ class KVCache:
         spare = start + n_new  # the slot this row's next token will take
         global_slots = torch.where(valid, positions, spare[:, None]).clamp(max=self.max_seq_len - 1)
         ring_slots = torch.remainder(torch.where(valid, positions, spare[:, None]), self.window)
-        rows = torch.arange(self.batch_size, device=start.device)[:, None]
-        return Chunk(start, n_new, positions, valid, rows, global_slots, ring_slots)
+        return Chunk(start, n_new, positions, valid, global_slots, ring_slots)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, chunk: Chunk):
         """Store a chunk's k, v [B, kv_heads, T, head_dim]; return the keys and values to attend to."""
@@ -117,11 +116,11 @@ class KVCache:
         if self.sliding[layer]:
             attend_k = torch.cat([keys, k], dim=2)
             attend_v = torch.cat([values, v], dim=2)
-            keys[chunk.rows, :, chunk.ring_slots] = k_rows
-            values[chunk.rows, :, chunk.ring_slots] = v_rows
+            keys[self.rows, :, chunk.ring_slots] = k_rows
+            values[self.rows, :, chunk.ring_slots] = v_rows
             return attend_k, attend_v
-        keys[chunk.rows, :, chunk.global_slots] = k_rows
-        values[chunk.rows, :, chunk.global_slots] = v_rows
+        keys[self.rows, :, chunk.global_slots] = k_rows
+        values[self.rows, :, chunk.global_slots] = v_rows
         return keys, values
 
     def key_positions(self, chunk: Chunk, sliding: bool) -> tuple[torch.Tensor, torch.Tensor]:

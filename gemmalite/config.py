@@ -13,7 +13,7 @@ Multimodal checkpoints (`Gemma3ForConditionalGeneration`) nest the text part und
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .errors import ModelLoadError
 
@@ -62,9 +62,6 @@ class GemmaConfig:
     @property
     def embed_scale(self) -> float:
         return self.hidden_size**0.5
-
-    def with_overrides(self, **changes) -> "GemmaConfig":
-        return replace(self, **changes)
 
     # ------------------------------------------------------------------ loading
     @classmethod

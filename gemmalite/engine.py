@@ -147,10 +147,12 @@ class Engine:
         Sampling arguments left as None take the checkpoint's defaults (generation_config.json),
         else greedy. top_k=0, top_p=1 and min_p=0 switch a filter off.
         """
-        prompts = self._check_prompts(prompts)
-        settings = self._settings(temperature, top_k, top_p, min_p, seed)
+        steps, _ = self._run(
+            prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            min_p=min_p, seed=seed, ignore_eos=ignore_eos,
+        )
         out = [[] for _ in prompts]
-        for pieces in self._generate(prompts, settings, _max_new(max_new_tokens), self._eos(ignore_eos)):
+        for pieces in steps:
             for row, piece in zip(out, pieces):
                 row.extend(piece)
         return out
@@ -178,12 +180,12 @@ class Engine:
                 "generate() takes a prompt string or a non-empty list of them, all strings; "
                 "use generate_ids() for token ids"
             )
-        ids = [self.encode(t, chat=chat, system=system) for t in texts]
-        settings = self._settings(temperature, top_k, top_p, min_p, seed)
         stops = _stops(stop)
-        eos = self._eos(ignore_eos, chat)
+        steps, eos = self._run(
+            [self.encode(t, chat=chat, system=system) for t in texts], chat=chat, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, ignore_eos=ignore_eos,
+        )
         decoded = [_TextTail(self, stops, eos) for _ in texts]
-        steps = self._generate(self._check_prompts(ids), settings, _max_new(max_new_tokens), eos)
         for pieces in steps:
             for tail, piece in zip(decoded, pieces):
                 tail.add(piece)
@@ -214,11 +216,33 @@ class Engine:
         """Yield the continuation as text pieces while tokens arrive (never half a UTF-8 character)."""
         if not isinstance(prompt, str):
             raise InvalidArgumentError("stream() takes one prompt string")
-        ids = self._check_prompts([self.encode(prompt, chat=chat, system=system)])
+        stops = _stops(stop)
+        steps, eos = self._run(
+            [self.encode(prompt, chat=chat, system=system)], chat=chat, sync_every=1, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, ignore_eos=ignore_eos,
+        )
+        return self._stream_text(steps, _TextTail(self, stops, eos))
+
+    def _run(
+        self,
+        prompts,
+        *,
+        chat: bool = False,
+        sync_every: int = 8,
+        cache: KVCache | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+    ) -> tuple[Iterator[list[list[int]]], tuple[int, ...]]:
+        """Check every argument now, then return the (lazy) token steps and the eos ids in force."""
+        prompts = self._check_prompts(prompts)
         settings = self._settings(temperature, top_k, top_p, min_p, seed)
         eos = self._eos(ignore_eos, chat)
-        tail = _TextTail(self, _stops(stop), eos)
-        return self._stream_text(self._generate(ids, settings, _max_new(max_new_tokens), eos, sync_every=1), tail)
+        return self._generate(prompts, settings, _max_new(max_new_tokens), eos, sync_every, cache), eos
 
     def _stream_text(self, steps: Iterator[list[list[int]]], tail: "_TextTail") -> Iterator[str]:
         try:

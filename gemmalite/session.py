@@ -65,47 +65,33 @@ class Session:
 
         if not isinstance(text, str):
             raise InvalidArgumentError("a session turn is a string")
-        tail = _TextTail(self.engine, _stops(stop), self.engine._eos(options.get("ignore_eos", False), self.chat))
-        return self.engine._stream_text(self._turn(self._turn_tokens(text), **options), tail)
+        stops = _stops(stop)
+        steps, eos = self._turn(self._turn_tokens(text), **options)
+        return self.engine._stream_text(steps, _TextTail(self.engine, stops, eos))
 
     def send_ids(self, ids: list[int], **options) -> list[int]:
         """Append raw token ids (no template) and return the reply's token ids."""
         reply = []
-        for (piece,) in self._turn(list(ids), **options):
+        steps, _ = self._turn(list(ids), **options)
+        for (piece,) in steps:
             reply.extend(piece)
         return reply
 
-    def _turn(
-        self,
-        turn: list[int],
-        *,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        seed: int | None = None,
-        ignore_eos: bool = False,
-    ) -> Iterator[list[list[int]]]:
+    def _turn(self, turn: list[int], **options) -> tuple[Iterator[list[list[int]]], tuple[int, ...]]:
         """Append a turn's tokens and decode the reply: the engine's loop, on this session's cache."""
-        from .engine import _max_new
-
         engine = self.engine
-        settings = engine._settings(temperature, top_k, top_p, min_p, seed)
-        max_new = _max_new(max_new_tokens)
         if not turn:
             raise InvalidArgumentError("a turn needs at least one token")
-        engine._check_ids(turn)
         if len(self._tokens) + len(turn) >= engine.max_seq_len:
             raise ContextLengthError(
                 f"this turn has {len(turn)} tokens, but the session has only {max(self.remaining - 1, 0)} left "
                 f"of max_seq_len={engine.max_seq_len}; reset() the session or load with a larger max_seq_len"
             )
         fed = int(self.cache.lengths[0])
+        # Everything is checked before the transcript changes: a bad argument loses nothing.
+        steps, eos = engine._run([self._tokens[fed:] + turn], chat=self.chat, sync_every=1, cache=self.cache, **options)
         self._tokens.extend(turn)
-        eos = engine._eos(ignore_eos, self.chat)
-        steps = engine._generate([self._tokens[fed:]], settings, max_new, eos, sync_every=1, cache=self.cache)
-        return self._record(steps)
+        return self._record(steps), eos
 
     def _record(self, steps: Iterator[list[list[int]]]) -> Iterator[list[list[int]]]:
         """Pass the reply's tokens through, adding each to the transcript as it arrives."""

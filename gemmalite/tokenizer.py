@@ -19,8 +19,6 @@ class Tokenizer:
         except (OSError, RuntimeError) as e:
             raise ModelLoadError(f"cannot read tokenizer {model_file}: {e}") from None
         self.bos_id = self.sp.bos_id()
-        self.eos_id = self.sp.eos_id()
-        self.vocab_size = self.sp.get_piece_size()
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         ids = self.sp.encode(text)

@@ -1,5 +1,6 @@
 """The model's logits against transformers in fp32, across Gemma 3's configuration space."""
 
+import dataclasses
 import json
 
 import pytest
@@ -71,7 +72,7 @@ def test_multimodal_config_reads_the_text_part():
         "vision_config": {"model_type": "siglip_vision_model"},
     }
     cfg = GemmaConfig.from_hf(raw)
-    assert cfg == PRESETS["4b"]().with_overrides(eos_token_ids=(1, 106), max_position_embeddings=cfg.max_position_embeddings)
+    assert cfg == dataclasses.replace(PRESETS["4b"](), eos_token_ids=(1, 106), max_position_embeddings=cfg.max_position_embeddings)
     assert cfg.vocab_size == 262_208
 
 
