@@ -1,8 +1,7 @@
 """gemmalite: a small, fast, from-scratch inference engine for Gemma 3."""
 
-from .check import check
 from .config import GemmaConfig
-from .engine import Engine, Stats, load
+from .engine import Engine
 from .errors import (
     ContextLengthError,
     GemmaliteError,
@@ -10,12 +9,16 @@ from .errors import (
     MissingExtraError,
     ModelLoadError,
 )
+from .loading import load
+from .options import GenerationOptions
+from .runner import Stats
 
 __all__ = [
     "ContextLengthError",
     "Engine",
     "GemmaConfig",
     "GemmaliteError",
+    "GenerationOptions",
     "InvalidArgumentError",
     "MissingExtraError",
     "ModelLoadError",
@@ -24,3 +27,12 @@ __all__ = [
     "load",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `gemmalite.check` is a tool, not part of generation: import it only when asked for.
+    if name == "check":
+        from .check import check
+
+        return check
+    raise AttributeError(f"module 'gemmalite' has no attribute {name!r}")

@@ -38,10 +38,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import GemmaConfig
-from .engine import Engine, parse_device, parse_dtype
+from .engine import Engine
+from .loading import parse_device, parse_dtype
 from .errors import InvalidArgumentError
 from .model import Gemma3
-from .sampling import SamplingSettings
+from .options import GenerationOptions
 
 PASS, FAIL, SKIP, INFO = "PASS", "FAIL", "SKIP", "INFO"
 ENVIRONMENT, CHECKS, SPEED = "Environment", "Checks", "Speed"
@@ -558,7 +559,7 @@ def _check_kept_outputs(expected, compiled: Engine, prompt: list[int], steps: in
         return
     try:
         got = []
-        blocks = compiled._generate([prompt], SamplingSettings(), steps, (), sync_every=KEPT_BLOCK)
+        blocks = compiled.token_steps([prompt], GenerationOptions(max_new_tokens=steps, ignore_eos=True), sync_every=KEPT_BLOCK)
         for (piece,) in blocks:
             got.extend(piece)
     except Exception as e:  # noqa: BLE001

@@ -105,7 +105,7 @@ def check_args(args: argparse.Namespace) -> None:
 
     Raises InvalidArgumentError (exit 2) with the engine's own messages.
     """
-    from .engine import parse_device, parse_dtype
+    from .loading import parse_device, parse_dtype
     from .sampling import SamplingSettings
 
     SamplingSettings(
@@ -339,7 +339,7 @@ def _configure_check(parser: argparse.ArgumentParser) -> None:
 
 def _run_check(args: argparse.Namespace) -> int:
     from .check import check
-    from .engine import parse_device, parse_dtype
+    from .loading import parse_device, parse_dtype
 
     if args.steps < 1:
         raise InvalidArgumentError(f"--steps must be >= 1, got {args.steps}")

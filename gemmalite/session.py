@@ -7,29 +7,28 @@ the cache holds (see cache.py), and decoding goes on from there with the same co
 The cache's `lengths` is the authority on what it holds. The transcript (`tokens`) can be one
 token ahead of it: the last token a reply produced has not been fed yet, and is fed at the start
 of the next turn.
+
+A session drives its engine through the engine's public pieces (`check_prompts`, `token_steps`,
+`text_stream`, `stream_text`); it keeps its own cache and transcript.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
-from .cache import KVCache
 from .errors import ContextLengthError, InvalidArgumentError
+from .options import GenerationOptions
 from .tokenizer import END_OF_TURN, chat_prompt
-
-if TYPE_CHECKING:
-    from .engine import Engine
 
 
 class Session:
-    def __init__(self, engine: "Engine", *, system: str | None = None, chat: bool = True):
+    def __init__(self, engine, *, system: str | None = None, chat: bool = True):
         if system is not None and not chat:
             raise InvalidArgumentError("system= needs chat=True")
         self.engine = engine
         self.system = system
         self.chat = chat
-        self.cache = KVCache(engine.config, 1, engine.max_seq_len, device=engine.device, dtype=engine.dtype)
+        self.cache = engine.runner.new_cache(1)
         self._tokens: list[int] = []
 
     @property
@@ -49,8 +48,8 @@ class Session:
 
     def fork(self) -> "Session":
         """An independent copy, for branching: both go on from here without touching each other."""
-        other = object.__new__(Session)
-        other.__dict__.update(self.__dict__)
+        other = Session.__new__(Session)
+        other.engine, other.system, other.chat = self.engine, self.system, self.chat
         other.cache = self.cache.fork()
         other._tokens = list(self._tokens)
         return other
@@ -59,25 +58,22 @@ class Session:
         """Add a user turn (or plain text when chat=False) and return the model's reply."""
         return "".join(self.stream(text, **options))
 
-    def stream(self, text: str, *, stop=None, **options) -> Iterator[str]:
+    def stream(self, text: str, **options) -> Iterator[str]:
         """Like `send`, yielding the reply in pieces. Stopping early keeps the session usable."""
-        from .engine import _TextTail, _stops
-
         if not isinstance(text, str):
             raise InvalidArgumentError("a session turn is a string")
-        stops = _stops(stop)
-        steps, eos = self._turn(self._turn_tokens(text), **options)
-        return self.engine._stream_text(steps, _TextTail(self.engine, stops, eos))
+        opts = GenerationOptions.from_kwargs(options)
+        steps = self._turn(self._turn_tokens(text), opts)
+        return self.engine.stream_text(steps, self.engine.text_stream(opts, self.chat))
 
     def send_ids(self, ids: list[int], **options) -> list[int]:
         """Append raw token ids (no template) and return the reply's token ids."""
         reply = []
-        steps, _ = self._turn(list(ids), **options)
-        for (piece,) in steps:
+        for (piece,) in self._turn(list(ids), GenerationOptions.from_kwargs(options)):
             reply.extend(piece)
         return reply
 
-    def _turn(self, turn: list[int], **options) -> tuple[Iterator[list[list[int]]], tuple[int, ...]]:
+    def _turn(self, turn: list[int], options: GenerationOptions) -> Iterator[list[list[int]]]:
         """Append a turn's tokens and decode the reply: the engine's loop, on this session's cache."""
         engine = self.engine
         if not turn:
@@ -89,9 +85,10 @@ class Session:
             )
         fed = int(self.cache.lengths[0])
         # Everything is checked before the transcript changes: a bad argument loses nothing.
-        steps, eos = engine._run([self._tokens[fed:] + turn], chat=self.chat, sync_every=1, cache=self.cache, **options)
+        prompt = engine.check_prompts([self._tokens[fed:] + turn])
+        steps = engine.token_steps(prompt, options, chat=self.chat, cache=self.cache, sync_every=1)
         self._tokens.extend(turn)
-        return self._record(steps), eos
+        return self._record(steps)
 
     def _record(self, steps: Iterator[list[list[int]]]) -> Iterator[list[list[int]]]:
         """Pass the reply's tokens through, adding each to the transcript as it arrives."""

@@ -97,7 +97,7 @@ class GemmaliteRunner:
         return stats.prefill_s, stats.decode_s
 
     def kv_bytes(self) -> int:
-        return self.engine._cache.nbytes if self.engine._cache is not None else 0
+        return self.engine.runner.kv_bytes
 
 
 def weight_bytes(model) -> int:

@@ -111,9 +111,9 @@ def test_stream_never_yields_half_a_utf8_character(tiny_engine):
     text = "héllo 字 🙂 done"
     ids = tok.encode(text, bos=False)
     assert len(ids) > len(text) // 2  # byte fallback is in play
-    from gemmalite.engine import _TextTail
+    from gemmalite.text import TextStream
 
-    tail = _TextTail(tiny_engine, (), ())
+    tail = TextStream(tiny_engine.decode)
     pieces = [tail.add([i]) for i in ids] + [tail.flush()]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)

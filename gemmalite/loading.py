@@ -1,0 +1,129 @@
+"""`load()`: from a checkpoint source to a ready Engine.
+
+The checks of device, dtype and length happen here, where the user's arguments enter; the
+checkpoint's own defaults (generation_config.json) are read here too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .engine import Engine
+from .errors import InvalidArgumentError, ModelLoadError
+from .model import Gemma3
+from .sampling import SamplingSettings
+from .tokenizer import Tokenizer
+from .weights import Checkpoint, load_state_dict, read_checkpoint, resolve
+
+DEFAULT_MAX_SEQ_LEN = 8192
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def parse_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidArgumentError(f"unknown device {device!r}; use 'cpu' or 'cuda' (or 'cuda:N')") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError("device 'cuda' was asked for, but no CUDA GPU is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidArgumentError(f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise InvalidArgumentError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
+    return dev
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16
+    if dtype in (torch.float16, "float16", "fp16", "half"):
+        raise InvalidArgumentError("float16 is refused: Gemma 3 activations overflow in fp16; use bfloat16 or float32")
+    if isinstance(dtype, torch.dtype) and dtype in (torch.bfloat16, torch.float32):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise InvalidArgumentError(f"unknown dtype {dtype!r}; use 'bfloat16' or 'float32'")
+
+
+def generation_defaults(checkpoint: Checkpoint) -> tuple[SamplingSettings, tuple[int, ...]]:
+    """Sampling defaults and extra eos ids from generation_config.json; greedy when it has none."""
+    gc = checkpoint.generation_config
+    eos = gc.get("eos_token_id") or ()
+    eos = (eos,) if isinstance(eos, int) else tuple(eos)
+    if not gc.get("do_sample"):
+        return SamplingSettings(), eos
+    try:
+        settings = SamplingSettings(
+            temperature=float(gc.get("temperature") or 1.0),
+            top_k=int(gc.get("top_k") or 0),
+            top_p=float(gc.get("top_p") or 1.0),
+            min_p=float(gc.get("min_p") or 0.0),
+        )
+    except InvalidArgumentError as e:
+        raise ModelLoadError(f"generation_config.json has invalid sampling values: {e}") from None
+    return settings, eos
+
+
+def load(
+    source: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    compile: bool | None = None,
+    max_seq_len: int | None = None,
+    quantize: str | None = None,
+) -> Engine:
+    """Load a Gemma 3 checkpoint (local dir, .gguf file or Hub repo id) into an Engine.
+
+    quantize="int8" stores most linear weights and the head as int8 (CPU only); see quantize.py.
+    """
+    if quantize not in (None, "int8"):
+        raise InvalidArgumentError(f"unknown quantize={quantize!r}; the choices are None and 'int8'")
+    device = parse_device(device)
+    if quantize == "int8" and device.type != "cpu":
+        raise InvalidArgumentError("quantize='int8' runs on CPU only (fbgemm kernels); on CUDA use bfloat16")
+    dtype = parse_dtype(dtype)
+    if compile is None:
+        compile = device.type == "cuda"
+    checkpoint = read_checkpoint(resolve(source))
+    max_seq_len = _max_seq_len(max_seq_len, checkpoint.config.max_position_embeddings)
+
+    model = _build_model(checkpoint, device, dtype)
+    if quantize == "int8":
+        from .quantize import quantize_int8
+
+        quantize_int8(model)
+    tokenizer = Tokenizer(checkpoint.tokenizer_file) if checkpoint.tokenizer_file else None
+    defaults, extra_eos = generation_defaults(checkpoint)
+    return Engine(
+        model,
+        tokenizer,
+        device=device,
+        dtype=dtype,
+        compile=bool(compile),
+        max_seq_len=max_seq_len,
+        defaults=defaults,
+        eos_ids=extra_eos,
+    )
+
+
+def _max_seq_len(value, model_limit: int) -> int:
+    if value is None:
+        return min(model_limit, DEFAULT_MAX_SEQ_LEN)
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= model_limit:
+        raise InvalidArgumentError(f"max_seq_len must be an integer in [2, {model_limit}] for this model, got {value!r}")
+    return value
+
+
+def _build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> Gemma3:
+    """Build on the meta device, then take the checkpoint's tensors as the parameters: no second copy."""
+    with torch.device("meta"):
+        model = Gemma3(checkpoint.config)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    model.load_state_dict(load_state_dict(checkpoint, expected, device, dtype), assign=True)
+    return model.eval().requires_grad_(False)

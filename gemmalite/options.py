@@ -1,0 +1,80 @@
+"""The generation options, held and checked in one place.
+
+Every entry point that generates (`Engine.generate`, `stream`, `generate_ids`, sessions, the CLI)
+takes the same keyword arguments and turns them into one `GenerationOptions`, checked once, before
+any work. Options left as None take the checkpoint's defaults (generation_config.json), else
+greedy: see `GenerationOptions.sampling`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from .errors import InvalidArgumentError
+from .sampling import SamplingSettings
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What a call may ask for. None means "the checkpoint's default"; see SamplingSettings for ranges."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        n = self.max_new_tokens
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise InvalidArgumentError(f"max_new_tokens must be an integer >= 0, got {n!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidArgumentError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        object.__setattr__(self, "stop", parse_stops(self.stop))
+        # Check the sampling values now, with neutral stand-ins for what is left to the defaults.
+        self.sampling(SamplingSettings())
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> "GenerationOptions":
+        """Build from a call's keyword arguments; an unknown name is an error that lists the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise InvalidArgumentError(
+                f"unknown generation option(s) {', '.join(unknown)}; the options are {', '.join(sorted(known))}"
+            )
+        return cls(**kwargs)
+
+    @property
+    def new_tokens(self) -> int:
+        return DEFAULT_MAX_NEW_TOKENS if self.max_new_tokens is None else self.max_new_tokens
+
+    def sampling(self, defaults: SamplingSettings) -> SamplingSettings:
+        """The sampling settings in force: each option given here, else the default."""
+
+        def pick(name):
+            value = getattr(self, name)
+            return getattr(defaults, name) if value is None else value
+
+        return SamplingSettings(
+            temperature=pick("temperature"),
+            top_k=pick("top_k"),
+            top_p=pick("top_p"),
+            min_p=pick("min_p"),
+            seed=self.seed,
+        )
+
+
+def parse_stops(stop) -> tuple[str, ...]:
+    """Stop strings as a tuple: None, one string, or a list of non-empty strings."""
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, (list, tuple)) else None
+    if stops is None or not all(isinstance(s, str) and s for s in stops):
+        raise InvalidArgumentError("stop must be a non-empty string or a list of them")
+    return stops
