@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # `gemmalite.check` is a tool, not part of generation: import it only when asked for.
     if name == "check":
-        from .check import check
+        from .selfcheck import check  # a package named apart, so that importing it never shadows this function
 
         return check
     raise AttributeError(f"module 'gemmalite' has no attribute {name!r}")

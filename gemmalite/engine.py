@@ -7,16 +7,18 @@ tokens into text (see text.py). Every generating method takes the options of opt
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from .cache import KVCache
+from .completion import Completion, CompletionChunk, RowResult
 from .config import GemmaConfig
 from .errors import ContextLengthError, InvalidArgumentError
 from .model import Gemma3
 from .options import GenerationOptions
-from .runner import Runner, Stats
+from .runner import Block, Runner, Stats
 from .sampling import SamplingSettings
 from .session import Session
 from .text import TextStream
@@ -47,7 +49,7 @@ class Engine:
         self.compiled = compile
         self.defaults = defaults
         self.eos_ids = tuple(dict.fromkeys([*model.config.eos_token_ids, *eos_ids]))
-        self.last_stats = Stats()
+        self._local = threading.local()  # per thread: the last call's Stats
 
     @property
     def config(self) -> GemmaConfig:
@@ -65,6 +67,11 @@ class Engine:
         """Append each row's tokens to `cache`; float32 logits [B, vocab] of each row's last token."""
         return self.runner.prefill(cache, chunks)
 
+    @property
+    def last_stats(self) -> Stats:
+        """Figures of the last call that this thread made (each thread sees its own)."""
+        return getattr(self._local, "stats", None) or Stats()
+
     # -------------------------------------------------------------- generation
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -72,58 +79,77 @@ class Engine:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
             raise InvalidArgumentError("logits() takes a LongTensor of token ids shaped [batch, tokens]")
         self.check_ids(ids.flatten().tolist())
-        return self.model(ids.to(self.device, torch.long)).float()
+        with self.runner.lock:
+            return self.model(ids.to(self.device, torch.long)).float()
+
+    def complete(self, prompt, *, chat: bool = False, system: str | None = None, **options) -> Completion | list[Completion]:
+        """Generate for a prompt and return a Completion: text, token ids, finish reason, usage.
+
+        `prompt` is a string, a list of token ids, or a list of either for a batch (then the
+        result is a list). Options: see GenerationOptions (options.py); `logprobs=N` adds each
+        token's log-probability and the top N alternatives. `chat` wraps text prompts in Gemma's
+        turn template, with an optional `system` prompt.
+        """
+        single, prompts, texts = self._prompts(prompt, chat, system)
+        opts = GenerationOptions.from_kwargs(options)
+        results = self._row_results(prompts, opts, texts, chat)
+        steps = self.token_steps(prompts, opts, chat=chat)
+        for block in steps:
+            for row, result in enumerate(results):
+                result.add(block[row], *_row_logprobs(block, row))
+            if all(r.stopped for r in results):
+                steps.close()
+                break
+        stats = self.last_stats
+        done = [r.result(reason) for r, reason in zip(results, stats.finish_reasons)]
+        stats.finish_reasons[:] = [c.finish_reason for c in done]
+        return done[0] if single else done
+
+    def complete_stream(
+        self, prompt: str | Sequence[int], *, chat: bool = False, system: str | None = None, **options
+    ) -> Iterator[CompletionChunk]:
+        """Like complete() for one prompt, yielding CompletionChunks as tokens arrive.
+
+        Every argument is checked before this returns. The last chunk has finish_reason and usage.
+        """
+        single, prompts, texts = self._prompts(prompt, chat, system)
+        if not single:
+            raise InvalidArgumentError("complete_stream() takes one prompt (a string or a list of token ids)")
+        opts = GenerationOptions.from_kwargs(options)
+        (result,) = self._row_results(prompts, opts, texts, chat)
+        return self._chunks(self.token_steps(prompts, opts, chat=chat, sync_every=1), result)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], **options) -> list[list[int]]:
         """New tokens for each prompt, ending with the eos token when one was produced.
 
-        Options (see options.py): max_new_tokens, temperature, top_k, top_p, min_p, seed,
-        ignore_eos. Sampling options left as None take the checkpoint's defaults
-        (generation_config.json), else greedy. top_k=0, top_p=1 and min_p=0 switch a filter off.
+        Options: see GenerationOptions. Sampling options left as None take the checkpoint's
+        defaults (generation_config.json), else greedy.
         """
-        steps = self.token_steps(self.check_prompts(prompts), GenerationOptions.from_kwargs(options))
-        out: list[list[int]] = [[] for _ in prompts]
-        for pieces in steps:
-            for row, piece in zip(out, pieces):
-                row.extend(piece)
-        return out
+        prompts = self.check_prompts(prompts)
+        _refuse(options, "stop", "generate_ids() returns tokens; stop strings need text: use complete() with a text prompt")
+        _refuse(options, "logprobs", "generate_ids() returns tokens only; use complete() for logprobs")
+        return [c.token_ids for c in self.complete(prompts, **options)]
 
-    def generate(
-        self, prompt: str | Sequence[str], *, chat: bool = False, system: str | None = None, **options
-    ) -> str | list[str]:
+    def generate(self, prompt: str | Sequence[str], *, chat: bool = False, system: str | None = None, **options):
         """The continuation of a prompt (or of each prompt in a list), as text.
 
-        Takes generate_ids' options, and `stop` (strings to stop before); `chat` wraps each
-        prompt in Gemma's turn template, with an optional `system` prompt.
+        Options: see GenerationOptions, with `stop` (strings to stop before).
         """
-        single = isinstance(prompt, str)
-        texts = [prompt] if single else list(prompt) if isinstance(prompt, (list, tuple)) else None
-        if not texts or not all(isinstance(t, str) for t in texts):
+        if not (isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, str) for t in prompt))):
             raise InvalidArgumentError(
                 "generate() takes a prompt string or a non-empty list of them, all strings; "
                 "use generate_ids() for token ids"
             )
-        opts = GenerationOptions.from_kwargs(options)
-        prompts = self.check_prompts([self.encode(t, chat=chat, system=system) for t in texts])
-        steps = self.token_steps(prompts, opts, chat=chat)
-        decoded = [self.text_stream(opts, chat) for _ in texts]
-        for pieces in steps:
-            for text, piece in zip(decoded, pieces):
-                text.add(piece)
-            if all(t.stopped for t in decoded):
-                steps.close()
-                break
-        self._mark_stopped(decoded)
-        results = [t.text for t in decoded]
-        return results[0] if single else results
+        _refuse(options, "logprobs", "generate() returns text only; use complete() for logprobs")
+        done = self.complete(prompt if isinstance(prompt, str) else list(prompt), chat=chat, system=system, **options)
+        return done.text if isinstance(prompt, str) else [c.text for c in done]
 
     def stream(self, prompt: str, *, chat: bool = False, system: str | None = None, **options) -> Iterator[str]:
         """Yield the continuation as text pieces while tokens arrive (never half a UTF-8 character)."""
         if not isinstance(prompt, str):
             raise InvalidArgumentError("stream() takes one prompt string")
-        opts = GenerationOptions.from_kwargs(options)
-        prompts = self.check_prompts([self.encode(prompt, chat=chat, system=system)])
-        return self.stream_text(self.token_steps(prompts, opts, chat=chat, sync_every=1), self.text_stream(opts, chat))
+        _refuse(options, "logprobs", "stream() yields text only; use complete_stream() for logprobs")
+        return _texts(self.complete_stream(prompt, chat=chat, system=system, **options))
 
     def session(self, system: str | None = None, chat: bool = True) -> Session:
         """A multi-turn conversation that keeps its own cache; see session.py."""
@@ -138,26 +164,43 @@ class Engine:
         chat: bool = False,
         cache: KVCache | None = None,
         sync_every: int = 8,
-    ) -> Iterator[list[list[int]]]:
-        """The runner's token loop for checked prompts. Without a cache, the engine's own starts empty."""
-        if cache is None:
-            cache = self.runner.kv_cache(len(prompts))
+        histories: list[list[int]] | None = None,
+    ) -> Iterator[Block]:
+        """The runner's token loop for checked prompts. Without a cache, the call takes one of its own.
+
+        `histories`: each row's whole transcript before the reply, when the cache already holds
+        part of it (the repetition penalty counts it all); default: the prompts.
+        """
+        stats = self._local.stats = Stats(prompt_tokens=[len(p) for p in prompts])
+        own = cache is None
+        if own:
+            cache = self.runner.checkout(len(prompts))
             cache.reset()
-        self.last_stats = Stats(prompt_tokens=[len(p) for p in prompts])
-        return self.runner.generate(
+        steps = self.runner.generate(
             cache,
             prompts,
             options.sampling(self.defaults),
             options.new_tokens,
             self.stop_ids(options.ignore_eos, chat),
-            self.last_stats,
+            stats,
             sync_every=sync_every,
+            histories=histories,
+            top_logprobs=options.logprobs,
         )
+        return self._returning(steps, cache) if own else steps
+
+    def _returning(self, steps: Iterator[Block], cache: KVCache) -> Iterator[Block]:
+        """Pass the blocks through; give the cache back to the pool when the loop ends or is closed."""
+        try:
+            yield from steps
+        finally:
+            steps.close()
+            self.runner.checkin(cache)
 
     def text_stream(self, options: GenerationOptions, chat: bool = False) -> TextStream:
         return TextStream(self.decode, options.stop, self.stop_ids(options.ignore_eos, chat))
 
-    def stream_text(self, steps: Iterator[list[list[int]]], text: TextStream) -> Iterator[str]:
+    def stream_text(self, steps: Iterator[Block], text: TextStream) -> Iterator[str]:
         """Text pieces of a one-row token loop, ending at a stop string."""
         try:
             for (piece,) in steps:
@@ -173,7 +216,44 @@ class Engine:
         finally:
             steps.close()
 
+    def _chunks(self, steps: Iterator[Block], result: RowResult) -> Iterator[CompletionChunk]:
+        try:
+            for block in steps:
+                chunk = result.add(block[0], *_row_logprobs(block, 0))
+                if chunk.text or chunk.token_ids:
+                    yield chunk
+                if result.stopped:
+                    break
+            stats = self.last_stats
+            last = result.last_chunk(stats.finish_reasons[0] if stats.finish_reasons else None)
+            if stats.finish_reasons:
+                stats.finish_reasons[0] = last.finish_reason
+            yield last
+        finally:
+            steps.close()
+
+    def _prompts(self, prompt, chat: bool, system: str | None) -> tuple[bool, list[list[int]], bool]:
+        """(one prompt?, checked token ids, were they text?) for complete()'s `prompt`."""
+        if isinstance(prompt, str):
+            return True, self.check_prompts([self.encode(prompt, chat=chat, system=system)]), True
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+            return False, self.check_prompts([self.encode(p, chat=chat, system=system) for p in prompt]), True
+        if chat or system is not None:
+            raise InvalidArgumentError("chat= and system= apply to text prompts; these are token ids")
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(i, int) for i in prompt):
+            return True, self.check_prompts([prompt]), False
+        return False, self.check_prompts(prompt), False
+
+    def _row_results(self, prompts, options: GenerationOptions, texts: bool, chat: bool) -> list[RowResult]:
+        if options.stop and not texts:
+            raise InvalidArgumentError("stop strings need a text prompt; with token ids, use eos ids or max_new_tokens")
+        make_text = (lambda: self.text_stream(options, chat)) if texts else None
+        return [RowResult.for_prompt(p, make_text, options.logprobs is not None) for p in prompts]
+
     def _mark_stopped(self, texts: list[TextStream]) -> None:
+        """A row cut at a stop string finished with "stop", whatever the runner saw."""
         for row, text in enumerate(texts):
             if text.stopped:
                 self.last_stats.finish_reasons[row] = "stop"
@@ -234,3 +314,21 @@ class Engine:
         bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
         if bad:
             raise InvalidArgumentError(f"token ids must be integers in [0, {vocab}); got {bad[:5]}")
+
+
+def _refuse(options: dict, name: str, message: str) -> None:
+    if options.get(name) not in (None, (), [], ""):
+        raise InvalidArgumentError(message)
+
+
+def _row_logprobs(block: Block, row: int) -> tuple:
+    return (None, None) if block.logprobs is None else (block.logprobs[row], block.top[row])
+
+
+def _texts(chunks: Iterator[CompletionChunk]) -> Iterator[str]:
+    try:
+        for chunk in chunks:
+            if chunk.text:
+                yield chunk.text
+    finally:
+        chunks.close()

@@ -22,3 +22,17 @@ class ContextLengthError(InvalidArgumentError):
 
 class MissingExtraError(GemmaliteError, ImportError):
     """An optional dependency is needed; the message names the pip extra that installs it."""
+
+
+def one_line(error: BaseException, limit: int | None = None, *, with_type: bool = False) -> str:
+    """`error`'s message as one line (its type's name when it has none), cut to `limit` characters.
+
+    with_type puts the type's name first: for errors that were not raised on purpose, where the
+    type says as much as the message (`RuntimeError: ...`).
+    """
+    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    name = type(error).__name__
+    text = (f"{name}: {message}" if message else name) if with_type else (message or name)
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text

@@ -14,6 +14,7 @@ from .errors import InvalidArgumentError
 from .sampling import SamplingSettings
 
 DEFAULT_MAX_NEW_TOKENS = 256
+MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,10 @@ class GenerationOptions:
     top_p: float | None = None
     min_p: float | None = None
     seed: int | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: int | None = None  # None: off; N: each chosen token's log-probability and the top N others
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
 
@@ -35,6 +40,9 @@ class GenerationOptions:
             raise InvalidArgumentError(f"max_new_tokens must be an integer >= 0, got {n!r}")
         if not isinstance(self.ignore_eos, bool):
             raise InvalidArgumentError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        lp = self.logprobs
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
+            raise InvalidArgumentError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (the top alternatives to report), got {lp!r}")
         object.__setattr__(self, "stop", parse_stops(self.stop))
         # Check the sampling values now, with neutral stand-ins for what is left to the defaults.
         self.sampling(SamplingSettings())
@@ -67,6 +75,9 @@ class GenerationOptions:
             top_p=pick("top_p"),
             min_p=pick("min_p"),
             seed=self.seed,
+            repetition_penalty=pick("repetition_penalty"),
+            presence_penalty=pick("presence_penalty"),
+            frequency_penalty=pick("frequency_penalty"),
         )
 
 

@@ -11,6 +11,7 @@ Prefill runs eagerly, in chunks no longer than the sliding window (see cache.py 
 
 from __future__ import annotations
 
+import threading
 import time
 import types
 from collections.abc import Iterator, Sequence
@@ -21,9 +22,24 @@ import torch
 from .cache import KVCache
 from .config import GemmaConfig
 from .model import Gemma3
-from .sampling import SamplerState, SamplingSettings, greedy, sample, sampler_state
+from .options import MAX_LOGPROBS
+from .sampling import (
+    GREEDY,
+    Penalties,
+    SamplerState,
+    SamplingSettings,
+    apply_penalties,
+    count_tokens,
+    greedy,
+    logprobs,
+    penalties,
+    sample,
+    sampler_state,
+    sampling_kind,
+)
 
 PREFILL_CHUNK = 512
+IDLE_CACHES = 2  # caches kept between calls (more are made while calls overlap)
 EOS_SLOTS = 4  # eos ids are passed as a fixed-size tensor, padded with -1, so they never change a shape
 
 
@@ -32,15 +48,37 @@ def decode_step(
     cache: KVCache,
     tokens: torch.Tensor,  # [B] the last token of each row, to be fed now
     active: torch.Tensor,  # [B] bool; inactive rows are frozen: fed as padding, their token repeated
-    sampler: SamplerState | None,  # None: greedy
+    sampler: SamplerState | None,  # None when every row is greedy
+    penalties: Penalties,
     eos_ids: torch.Tensor,  # [EOS_SLOTS]
-) -> tuple[torch.Tensor, torch.Tensor]:
+    kind: str,  # how to sample (see sampling.sampling_kind); a constant of the graph
+    with_logprobs: bool,  # a constant of the graph
+):
     """Feed one token per row and choose the next. No host sync: this is the compiled graph."""
     logits = model(tokens[:, None], cache, n_new=active.long())[:, -1]
-    next_tokens = greedy(logits) if sampler is None else sample(logits, sampler, cache.lengths)
+    next_tokens = choose(logits, sampler, penalties, cache.lengths, kind)
     next_tokens = torch.where(active, next_tokens, tokens)
+    count_tokens(penalties, next_tokens, active)
     finished = (next_tokens[:, None] == eos_ids).any(-1) | (cache.lengths >= cache.max_seq_len - 1)
-    return next_tokens, active & ~finished
+    chosen = logprobs(logits, next_tokens, MAX_LOGPROBS) if with_logprobs else None
+    return next_tokens, active & ~finished, chosen
+
+
+def choose(logits, sampler: SamplerState | None, penalties: Penalties, positions, kind: str) -> torch.Tensor:
+    """The next token of each row [B]: penalties first, then greedy or sampling."""
+    scores = apply_penalties(logits, penalties)
+    return greedy(scores) if sampler is None else sample(scores, sampler, positions, kind)
+
+
+class Block(list):
+    """What the loop yields: each row's new tokens, and their log-probabilities when asked for.
+
+    `logprobs[row]` is a list of floats; `top[row]` a list, per token, of (id, logprob) pairs.
+    """
+
+    def __init__(self, tokens, logprobs=None, top=None):
+        super().__init__(tokens)
+        self.logprobs, self.top = logprobs, top
 
 
 def fresh_function(fn):
@@ -107,15 +145,27 @@ class Runner:
         self.dtype = dtype
         self.max_seq_len = max_seq_len
         self.compiled = compile
-        self._step_fn = fresh_function(decode_step)
-        self._step = self._step_fn
-        if compile:
-            # On CPU there are no CUDA graphs to replay; a C++ wrapper cuts the per-kernel Python
-            # overhead instead (it cannot be combined with CUDA graphs, so CUDA keeps the default).
-            options = {"cpp_wrapper": True} if device.type == "cpu" else None
-            mode = "reduce-overhead" if options is None else None
-            self._step = torch.compile(self._step_fn, mode=mode, options=options, fullgraph=True, dynamic=False)
-        self._cache: KVCache | None = None
+        # One step function per mode (kind of sampling, logprobs or not), each compiled on first
+        # use: a mode's graphs then differ only by batch size.
+        self._steps: dict[tuple[str, bool], tuple] = {}
+        # Model calls on this runner's caches take turns: threads interleave step by step, each
+        # on a cache of its own (see checkout), so none can see another's tokens.
+        self.lock = threading.Lock()
+        self._pool_lock = threading.Lock()
+        self._idle: list[KVCache] = []  # caches no call is using, newest last
+
+    def _step_for(self, kind: str, with_logprobs: bool):
+        if (kind, with_logprobs) not in self._steps:
+            fn = fresh_function(decode_step)
+            step = fn
+            if self.compiled:
+                # On CPU there are no CUDA graphs to replay; a C++ wrapper cuts the per-kernel Python
+                # overhead instead (it cannot be combined with CUDA graphs, so CUDA keeps the default).
+                cpu = self.device.type == "cpu"
+                options, mode = ({"cpp_wrapper": True}, None) if cpu else (None, "reduce-overhead")
+                step = torch.compile(fn, mode=mode, options=options, fullgraph=True, dynamic=False)
+            self._steps[kind, with_logprobs] = fn, step
+        return self._steps[kind, with_logprobs][1]
 
     @property
     def config(self) -> GemmaConfig:
@@ -125,22 +175,39 @@ class Runner:
         """How many graphs the decode step has compiled (one per batch size and mode)."""
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-        return len(_debug_get_cache_entry_list(self._step_fn.__code__)) if self.compiled else 0
+        if not self.compiled:
+            return 0
+        return sum(len(_debug_get_cache_entry_list(fn.__code__)) for fn, _ in self._steps.values())
 
     def new_cache(self, batch_size: int) -> KVCache:
         return KVCache(self.config, batch_size, self.max_seq_len, device=self.device, dtype=self.dtype)
 
+    def checkout(self, batch_size: int) -> KVCache:
+        """A cache for one call to use alone: an idle one of this batch size, else a new one."""
+        with self._pool_lock:
+            for cache in reversed(self._idle):
+                if cache.batch_size == batch_size:
+                    self._idle.remove(cache)
+                    return cache
+        return self.new_cache(batch_size)
+
+    def checkin(self, cache: KVCache) -> None:
+        """Give a cache back for later calls; only the newest IDLE_CACHES are kept."""
+        with self._pool_lock:
+            self._idle.append(cache)
+            del self._idle[:-IDLE_CACHES]
+
     def kv_cache(self, batch_size: int) -> KVCache:
-        """The runner's own cache for this batch size, reused across calls so compiled graphs stay valid."""
-        if self._cache is None or self._cache.batch_size != batch_size:
-            self._cache = None  # free the old buffers before allocating new ones
-            self._cache = self.new_cache(batch_size)
-        return self._cache
+        """The idle cache that the next call of this batch size will use (allocated if none)."""
+        cache = self.checkout(batch_size)
+        self.checkin(cache)
+        return cache
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes held by the runner's own cache (0 before the first call)."""
-        return self._cache.nbytes if self._cache is not None else 0
+        """Bytes held by the largest idle cache (0 before the first call)."""
+        with self._pool_lock:
+            return max((c.nbytes for c in self._idle), default=0)
 
     @torch.no_grad()
     def prefill(self, cache: KVCache, chunks: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -161,13 +228,14 @@ class Runner:
             last = torch.where(ends_here[:, None], logits.float(), last)
         return last
 
-    def step(self, cache: KVCache, tokens, active, sampler, eos_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, cache: KVCache, tokens, active, sampler, penalties, eos_ids, kind: str, with_logprobs: bool):
         """One decode step, compiled when the runner is; the outputs are the caller's to keep."""
         if self.device.type == "cuda" and self.compiled:
             torch.compiler.cudagraph_mark_step_begin()
-        tokens, active = self._step(self.model, cache, tokens, active, sampler, eos_ids)
+        step = self._step_for(kind, with_logprobs)
+        tokens, active, chosen = step(self.model, cache, tokens, active, sampler, penalties, eos_ids, kind, with_logprobs)
         # Graph outputs are overwritten by the next replay: keep copies.
-        return tokens.clone(), active.clone()
+        return tokens.clone(), active.clone(), None if chosen is None else tuple(t.clone() for t in chosen)
 
     def eos_tensor(self, eos_ids: Sequence[int]) -> torch.Tensor:
         padded = torch.full((EOS_SLOTS,), -1, dtype=torch.long)
@@ -182,37 +250,86 @@ class Runner:
         max_new_tokens: int,
         eos_ids: tuple[int, ...],
         stats: Stats,
+        *,
         sync_every: int = 8,
-    ) -> Iterator[list[list[int]]]:
-        """Yield, every `sync_every` steps, the tokens each row produced since the last yield.
+        histories: list[list[int]] | None = None,
+        top_logprobs: int | None = None,
+    ) -> Iterator[Block]:
+        """Yield, every `sync_every` steps, a Block of the tokens each row produced since the last.
 
-        The prompts are appended to what the cache holds. Rows stop at an eos id, at
-        max_new_tokens, or when their transcript reaches max_seq_len.
+        The prompts are appended to what the cache holds; `histories` (default: the prompts) are
+        the tokens the repetition penalty counts as prompt. Rows stop at an eos id, at
+        max_new_tokens, or when their transcript reaches max_seq_len. `top_logprobs` (None: off)
+        asks for each token's log-probability and the top N alternatives.
         """
         held = cache.lengths.tolist()
+        batch = len(prompts)
         rows = Rows([min(max_new_tokens, self.max_seq_len - h - len(p)) for h, p in zip(held, prompts)], eos_ids, stats)
         if max_new_tokens == 0:
-            rows.reasons[:] = ["length"] * len(prompts)
-            yield [[] for _ in prompts]
+            rows.reasons[:] = ["length"] * batch
+            yield Block([[] for _ in prompts], *_no_logprobs(batch, top_logprobs))
             return
         eos_tensor = self.eos_tensor(eos_ids)
-        sampler = None if settings.greedy else sampler_state(settings, len(prompts), self.device)
+        kind = sampling_kind([settings])
+        sampler = None if kind == GREEDY else sampler_state(settings, batch, self.device)
+        penalty = penalties([settings] * batch, histories or prompts, self.config.vocab_size, self.device)
+        with_logprobs = top_logprobs is not None
+        out = _Collector(rows, top_logprobs)
 
         started = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), self.lock:
             logits = self.prefill(cache, prompts)
-            tokens = greedy(logits) if sampler is None else sample(logits, sampler, cache.lengths)
+            tokens = choose(logits, sampler, penalty, cache.lengths, kind)
+            count_tokens(penalty, tokens, torch.ones_like(tokens, dtype=torch.bool))
             active = (tokens[:, None] != eos_tensor).all(-1) & (cache.lengths < self.max_seq_len - 1)
-            first = tokens.tolist()
-            stats.prefill_s = time.perf_counter() - started  # the time to first token
-            decode_started = time.perf_counter()
-            yield [rows.take(row, [first[row]]) for row in range(len(prompts))]
-            pending = []
-            while not rows.done:
-                tokens, active = self.step(cache, tokens, active, sampler, eos_tensor)
-                pending.append(tokens)
-                if len(pending) >= sync_every or len(pending) + max(rows.produced) >= max(rows.limits):
-                    block = torch.stack(pending, 1).tolist()
-                    pending.clear()
-                    yield [rows.take(row, block[row]) for row in range(len(prompts))]
-                    stats.decode_s = time.perf_counter() - decode_started
+            out.add(tokens, logprobs(logits, tokens, MAX_LOGPROBS) if with_logprobs else None)
+        first = out.block()
+        stats.prefill_s = time.perf_counter() - started  # the time to first token
+        decode_started = time.perf_counter()
+        yield first
+        while not rows.done:
+            # The lock and no_grad cover the step only, never a yield: the caller's code between
+            # blocks runs in its own grad mode, and other callers' steps may run meanwhile.
+            with torch.no_grad(), self.lock:
+                tokens, active, chosen = self.step(cache, tokens, active, sampler, penalty, eos_tensor, kind, with_logprobs)
+            out.add(tokens, chosen)
+            if out.pending >= sync_every or out.pending + max(rows.produced) >= max(rows.limits):
+                yield out.block()
+                stats.decode_s = time.perf_counter() - decode_started
+
+
+def _no_logprobs(batch: int, top_logprobs: int | None):
+    return (None, None) if top_logprobs is None else ([[] for _ in range(batch)], [[] for _ in range(batch)])
+
+
+class _Collector:
+    """Gathers step outputs on the device and turns them into a Block at each sync."""
+
+    def __init__(self, rows: Rows, top_logprobs: int | None):
+        self.rows, self.top_logprobs = rows, top_logprobs
+        self.tokens: list[torch.Tensor] = []
+        self.chosen: list[tuple] = []
+
+    @property
+    def pending(self) -> int:
+        return len(self.tokens)
+
+    def add(self, tokens: torch.Tensor, chosen) -> None:
+        self.tokens.append(tokens)
+        if chosen is not None:
+            self.chosen.append(chosen)
+
+    def block(self) -> Block:
+        tokens = torch.stack(self.tokens, 1).tolist()  # [B, steps]: the one host sync
+        taken = [self.rows.take(row, tokens[row]) for row in range(len(tokens))]
+        logprobs = top = None
+        if self.top_logprobs is not None:
+            n = self.top_logprobs
+            chosen = torch.stack([c[0] for c in self.chosen], 1).tolist()  # [B, steps]
+            values = torch.stack([c[1][:, :n] for c in self.chosen], 1).tolist()  # [B, steps, n]
+            ids = torch.stack([c[2][:, :n] for c in self.chosen], 1).tolist()
+            logprobs = [chosen[row][: len(taken[row])] for row in range(len(taken))]
+            top = [[list(zip(i, v)) for i, v in zip(ids[row], values[row])][: len(taken[row])] for row in range(len(taken))]
+        self.tokens.clear()
+        self.chosen.clear()
+        return Block(taken, logprobs, top)

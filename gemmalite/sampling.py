@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -24,13 +25,20 @@ MASK32 = 0xFFFFFFFF
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """What the user asked for. temperature 0 means greedy; top_k 0, top_p 1 and min_p 0 mean off."""
+    """What the user asked for. temperature 0 means greedy; top_k 0, top_p 1 and min_p 0 mean off.
+
+    Penalties: repetition_penalty 1 is off (transformers' rule, over prompt and reply);
+    presence_penalty and frequency_penalty 0 are off (OpenAI's rule, over the reply only).
+    """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
     seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         t, k, p, m = self.temperature, self.top_k, self.top_p, self.min_p
@@ -44,10 +52,21 @@ class SamplingSettings:
             raise InvalidArgumentError(f"min_p must be in [0, 1] (0 means off), got {m!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise InvalidArgumentError(f"seed must be an integer, got {self.seed!r}")
+        r = self.repetition_penalty
+        if not _is_number(r) or not math.isfinite(r) or r <= 0:
+            raise InvalidArgumentError(f"repetition_penalty must be a finite number > 0 (1 means off), got {r!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise InvalidArgumentError(f"{name} must be a finite number >= 0 (0 means off), got {value!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 def _is_number(x) -> bool:
@@ -64,21 +83,111 @@ class SamplerState(NamedTuple):
     keys: torch.Tensor  # per-row 32-bit noise keys, derived from the seed
 
 
-def sampler_state(settings: SamplingSettings, batch_size: int, device) -> SamplerState:
-    seed = settings.seed if settings.seed is not None else random.getrandbits(63)
-    rows = torch.arange(batch_size, dtype=torch.long)
-    keys = hash32(hash32(torch.full((batch_size,), seed & MASK32)) ^ ((seed >> 32) & MASK32) ^ hash32(rows))
+def seed_key(seed: int | None, index: int = 0) -> int:
+    """The 32-bit noise key of the `index`-th prompt of a call with this seed (random without one).
 
-    def full(value, dtype):
-        return torch.full((batch_size,), value, dtype=dtype, device=device)
+    A key depends on the seed and the prompt's place in its call, never on the cache row it
+    happens to occupy, so a request draws the same tokens alone or batched with others.
+    """
+    seed = seed if seed is not None else random.getrandbits(63)
+    mixed = hash32(torch.tensor([seed & MASK32])) ^ ((seed >> 32) & MASK32) ^ hash32(torch.tensor([index]))
+    return int(hash32(mixed))
+
+
+def sampler_state(settings: SamplingSettings | Sequence[SamplingSettings], batch_size: int, device, keys=None) -> SamplerState:
+    """The tensors for `batch_size` rows: one settings for all, or one per row.
+
+    `keys` (one per row) default to seed_key(seed, row).
+    """
+    rows = [settings] * batch_size if isinstance(settings, SamplingSettings) else list(settings)
+    if keys is None:
+        shared = rows[0].seed if isinstance(settings, SamplingSettings) else None
+        if isinstance(settings, SamplingSettings) and shared is None:
+            shared = random.getrandbits(63)  # one random seed for the call, rows still differ
+        keys = [seed_key(shared if shared is not None else r.seed, i) for i, r in enumerate(rows)]
+
+    def column(name, dtype):
+        return torch.tensor([getattr(r, name) for r in rows], dtype=dtype, device=device)
 
     return SamplerState(
-        full(settings.temperature, torch.float32),
-        full(settings.top_k, torch.long),
-        full(settings.top_p, torch.float32),
-        full(settings.min_p, torch.float32),
-        keys.to(device),
+        column("temperature", torch.float32),
+        column("top_k", torch.long),
+        column("top_p", torch.float32),
+        column("min_p", torch.float32),
+        torch.tensor(keys, dtype=torch.long, device=device),
     )
+
+
+# ------------------------------------------------------------------ which graph samples
+TOPK_CANDIDATES = 128  # top_k up to this is served from torch.topk, with no sort of the vocabulary
+GREEDY, PLAIN, TOPK, SORTED = "greedy", "plain", "topk", "sorted"
+
+
+def sampling_kind(rows: Sequence[SamplingSettings]) -> str:
+    """The cheapest exact way to sample every row; a static choice, so each kind is its own graph.
+
+    - greedy: every row has temperature 0;
+    - plain: no top-k and no top-p: temperature and min-p need only the largest logit;
+    - topk: every row keeps at most TOPK_CANDIDATES tokens: top-p and min-p act inside them;
+    - sorted: anything else (top-p without top-k): the whole vocabulary is sorted.
+    """
+    if all(r.greedy for r in rows):
+        return GREEDY
+    sampled = [r for r in rows if not r.greedy]
+    if all(r.top_k == 0 and r.top_p >= 1 for r in sampled):
+        return PLAIN
+    if all(0 < r.top_k <= TOPK_CANDIDATES for r in sampled):
+        return TOPK
+    return SORTED
+
+
+# ------------------------------------------------------------------ penalties
+class Penalties(NamedTuple):
+    """Per-row penalty settings [B] and what they count: tensors, so values never recompile."""
+
+    repetition: torch.Tensor  # [B] float32, 1 = off
+    presence: torch.Tensor  # [B] float32, 0 = off
+    frequency: torch.Tensor  # [B] float32, 0 = off
+    in_prompt: torch.Tensor  # [B, V] bool: tokens of the prompt (repetition penalty only)
+    counts: torch.Tensor  # [B, V] int32: how often each token was generated
+
+
+def penalties(
+    settings: Sequence[SamplingSettings], histories: Sequence[Sequence[int]], vocab_size: int, device
+) -> Penalties:
+    """Penalty state for rows whose prompts (everything before the reply) are `histories`."""
+    in_prompt = torch.zeros(len(settings), vocab_size, dtype=torch.bool)
+    for row, history in enumerate(histories):
+        in_prompt[row, torch.as_tensor(list(history), dtype=torch.long)] = True
+
+    def column(name):
+        return torch.tensor([getattr(s, name) for s in settings], dtype=torch.float32, device=device)
+
+    return Penalties(
+        column("repetition_penalty"),
+        column("presence_penalty"),
+        column("frequency_penalty"),
+        in_prompt.to(device),
+        torch.zeros(len(settings), vocab_size, dtype=torch.int32, device=device),
+    )
+
+
+def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
+    """transformers' repetition penalty over prompt and reply, then OpenAI's presence and frequency.
+
+    With the neutral values (1, 0, 0) every logit comes back bit for bit unchanged.
+    """
+    logits = logits.float()
+    seen = p.in_prompt | (p.counts > 0)
+    r = p.repetition[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+    counts = p.counts.float()
+    return logits - p.presence[:, None] * (counts > 0).float() - p.frequency[:, None] * counts
+
+
+def count_tokens(p: Penalties, tokens: torch.Tensor, active: torch.Tensor) -> None:
+    """Add each active row's new token [B] to its counts, in place (inside the graph)."""
+    p.counts.scatter_add_(1, tokens[:, None], active[:, None].to(p.counts.dtype))
 
 
 # ------------------------------------------------------------------ the noise
@@ -100,9 +209,13 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
 
 def gumbel_noise(keys: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Gumbel(0, 1) noise [B, vocab], a pure function of (row key, position, token id)."""
+    return gumbel_at(keys, positions, torch.arange(vocab_size, device=keys.device)[None, :])
+
+
+def gumbel_at(keys: torch.Tensor, positions: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """The same noise, only for the given token ids [B, K] (or [1, K])."""
     stream = hash32(hash32(keys) ^ positions)  # [B]
     second = hash32(stream ^ 0x5BD1E995)[:, None]
-    token_ids = torch.arange(vocab_size, device=keys.device)[None, :]
     # Two rounds, so that two streams never give permutations of the same noise.
     bits = hash32(hash32(stream[:, None] ^ token_ids) ^ second)
     uniform = ((bits >> 8).float() + 0.5) / float(1 << 24)  # in (0, 1), never 0 or 1
@@ -110,24 +223,31 @@ def gumbel_noise(keys: torch.Tensor, positions: torch.Tensor, vocab_size: int) -
 
 
 # ------------------------------------------------------------------ filters
-def filter_logits(logits: torch.Tensor, state: SamplerState) -> torch.Tensor:
-    """Temperature-scaled logits [B, V], with -inf for every token the filters remove.
+def _keep_sorted(ordered: torch.Tensor, state: SamplerState) -> torch.Tensor:
+    """Which of the logits [B, K], sorted in descending order, survive top-k, top-p and min-p.
 
-    Order: temperature, top-k, top-p over what top-k kept (renormalised), min-p relative to the
-    most likely token. The most likely token always survives.
+    Order: top-k, top-p over what top-k kept (renormalised), min-p relative to the most likely
+    token. The most likely token always survives.
     """
-    scaled = logits.float() / state.temperature.clamp(min=1e-5)[:, None]
-    ordered, order = scaled.sort(dim=-1, descending=True)
-    rank = torch.arange(scaled.shape[-1], device=scaled.device)[None, :]
+    rank = torch.arange(ordered.shape[-1], device=ordered.device)[None, :]
     top_k = state.top_k[:, None]
     keep = (top_k <= 0) | (rank < top_k)
-    ordered = ordered.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(ordered, dim=-1)
+    probs = torch.softmax(ordered.masked_fill(~keep, float("-inf")), dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs
     top_p = state.top_p[:, None]
     keep = keep & ((mass_before < top_p) | (top_p >= 1.0))
-    keep = keep & (ordered >= ordered[:, :1] + torch.log(state.min_p[:, None]))
-    keep_by_id = torch.zeros_like(keep).scatter(1, order, keep)
+    return keep & (ordered >= ordered[:, :1] + torch.log(state.min_p[:, None]))
+
+
+def _scaled(logits: torch.Tensor, state: SamplerState) -> torch.Tensor:
+    return logits.float() / state.temperature.clamp(min=1e-5)[:, None]
+
+
+def filter_logits(logits: torch.Tensor, state: SamplerState) -> torch.Tensor:
+    """Temperature-scaled logits [B, V], with -inf for every token the filters remove (full sort)."""
+    scaled = _scaled(logits, state)
+    ordered, order = scaled.sort(dim=-1, descending=True)
+    keep_by_id = torch.zeros_like(ordered, dtype=torch.bool).scatter(1, order, _keep_sorted(ordered, state))
     return scaled.masked_fill(~keep_by_id, float("-inf"))
 
 
@@ -135,8 +255,32 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, state: SamplerState, positions: torch.Tensor) -> torch.Tensor:
-    """One token per row [B] from logits [B, V]. Rows with temperature 0 take the argmax."""
-    filtered = filter_logits(logits, state)
-    drawn = (filtered + gumbel_noise(state.keys, positions, logits.shape[-1])).argmax(dim=-1)
+def sample(logits: torch.Tensor, state: SamplerState, positions: torch.Tensor, kind: str = SORTED) -> torch.Tensor:
+    """One token per row [B] from logits [B, V]. Rows with temperature 0 take the argmax.
+
+    Every kind draws argmax(filtered logits + noise(token id)) over the same kept set, so for a
+    seed all kinds pick the same token; they differ only in how much of the vocabulary they touch.
+    """
+    if kind == GREEDY:
+        return greedy(logits)
+    if kind == TOPK:
+        ordered, ids = _scaled(logits, state).topk(TOPK_CANDIDATES, dim=-1)  # sorted, descending
+        score = ordered + gumbel_at(state.keys, positions, ids)
+        score = score.masked_fill(~_keep_sorted(ordered, state), float("-inf"))
+        drawn = ids.gather(1, score.argmax(dim=-1, keepdim=True))[:, 0]
+    else:
+        if kind == PLAIN:  # min-p needs only the largest logit
+            scaled = _scaled(logits, state)
+            floor = scaled.amax(dim=-1, keepdim=True) + torch.log(state.min_p[:, None])
+            filtered = scaled.masked_fill(scaled < floor, float("-inf"))
+        else:
+            filtered = filter_logits(logits, state)
+        drawn = (filtered + gumbel_noise(state.keys, positions, logits.shape[-1])).argmax(dim=-1)
     return torch.where(state.temperature == 0, logits.argmax(dim=-1), drawn)
+
+
+def logprobs(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log-softmax of the model's own logits: of each chosen token [B], and the `top` best [B, top] (values, ids)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = logp.topk(top, dim=-1)
+    return logp.gather(1, chosen[:, None])[:, 0], values, ids

@@ -86,7 +86,8 @@ class Session:
         fed = int(self.cache.lengths[0])
         # Everything is checked before the transcript changes: a bad argument loses nothing.
         prompt = engine.check_prompts([self._tokens[fed:] + turn])
-        steps = engine.token_steps(prompt, options, chat=self.chat, cache=self.cache, sync_every=1)
+        history = [self._tokens + turn]
+        steps = engine.token_steps(prompt, options, chat=self.chat, cache=self.cache, sync_every=1, histories=history)
         self._tokens.extend(turn)
         return self._record(steps)
 

