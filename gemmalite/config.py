@@ -53,6 +53,11 @@ class GemmaConfig:
             raise ModelLoadError(
                 f"config has {len(self.sliding_layers)} layer types for {self.num_layers} layers"
             )
+        special = (self.bos_token_id, *self.eos_token_ids)
+        if not all(0 <= i < self.vocab_size for i in special):
+            raise ModelLoadError(
+                f"config.json's bos/eos token ids {list(special)} must lie in [0, vocab_size={self.vocab_size})"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "

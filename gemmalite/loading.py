@@ -98,7 +98,10 @@ def load(
         from .quantize import quantize_int8
 
         quantize_int8(model)
-    tokenizer = Tokenizer(checkpoint.tokenizer_file) if checkpoint.tokenizer_file else None
+    tokenizer = None
+    if checkpoint.tokenizer_file:
+        tokenizer = Tokenizer(checkpoint.tokenizer_file, bos_id=checkpoint.config.bos_token_id)
+        tokenizer.check_against(checkpoint.config)
     defaults, extra_eos = generation_defaults(checkpoint)
     return Engine(
         model,

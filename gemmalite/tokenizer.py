@@ -13,19 +13,43 @@ END_OF_TURN = "<end_of_turn>"
 
 
 class Tokenizer:
-    def __init__(self, model_file: str | Path):
+    def __init__(self, model_file: str | Path, *, bos_id: int | None = None):
+        """`bos_id`: the checkpoint's own <bos> id; default: the tokenizer's (which may not name one)."""
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
         except (OSError, RuntimeError) as e:
             raise ModelLoadError(f"cannot read tokenizer {model_file}: {e}") from None
-        self.bos_id = self.sp.bos_id()
+        self.bos_id = self.sp.bos_id() if bos_id is None else bos_id
+        if not 0 <= self.bos_id < self.vocab_size:
+            raise ModelLoadError(
+                f"tokenizer {model_file} names no <bos> token and none was given; set bos_token_id in config.json"
+            )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def check_against(self, config) -> None:
+        """Refuse a tokenizer that does not fit the model: a larger vocabulary, or another <bos>."""
+        if self.vocab_size > config.vocab_size:
+            raise ModelLoadError(
+                f"the tokenizer has {self.vocab_size} pieces but the model's vocab_size is {config.vocab_size}: "
+                "they belong to different checkpoints"
+            )
+        own_bos = self.sp.bos_id()
+        if own_bos >= 0 and own_bos != config.bos_token_id:
+            raise ModelLoadError(
+                f"config.json says bos_token_id {config.bos_token_id}, but the tokenizer's <bos> is {own_bos}"
+            )
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         ids = self.sp.encode(text)
         return [self.bos_id, *ids] if bos else ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(list(ids))
+        # A model's vocabulary may be larger than its tokenizer's (Gemma 3 4B and up: 262208 rows
+        # for 262144 pieces); the extra ids have no text.
+        return self.sp.decode([i for i in ids if i < self.vocab_size])
 
     def token_id(self, piece: str) -> int | None:
         """The id of a whole piece such as '<end_of_turn>', or None when the vocab lacks it."""
