@@ -1,8 +1,8 @@
 """A static hybrid KV cache: fixed-shape buffers, written in place.
 
 Global layers keep a buffer [B, kv_heads, max_seq_len, head_dim]: position p lives in slot p.
-Sliding layers keep a ring of `sliding_window` slots: position p lives in slot p % W, so their
-memory does not grow with the context.
+Sliding layers keep a ring of N = W + R slots (W the sliding window, R the rewind margin):
+position p lives in slot p % N, so their memory does not grow with the context.
 
 The only per-row state is `lengths` [B], a tensor: how many tokens each row holds. Everything
 the mask needs (which slot holds which position) follows from it, see mask.py.
@@ -10,23 +10,32 @@ the mask needs (which slot holds which position) follows from it, see mask.py.
 The write rule, for a chunk of T tokens of which row b holds n[b] real ones:
 
 - global layers write first, then attend over the whole buffer;
-- sliding layers attend over [ring before the write ; chunk], then write. Writing first would
-  overwrite keys that the chunk's early queries still need. Chunks are at most W long, so the
-  real tokens of a chunk land in distinct slots.
+- sliding layers, for a chunk of one token (a decode step), write first too: the slot it takes
+  held position p - N, which the query at p cannot see;
+- sliding layers, for longer chunks, attend over [ring before the write ; chunk], then write.
+  Writing first would overwrite keys that the chunk's early queries still need. Chunks are at
+  most W long, so the real tokens of a chunk land in distinct slots.
 
 Padding tokens must not clobber anything a later query needs. They are sent to one "spare" slot
 per row, the slot the row's next token will take: slot `length` of a global buffer (unused), and
-slot `length % W` of a ring (it holds position length - W, which no later query can see).
+slot `length % N` of a ring (it holds position length - N, which no later query can see).
+
+Stepping back: `rewind` lowers a row's length. Global buffers can drop any number of tokens. A
+ring still holds the R positions before the last W, so it can drop up to R: the slots of the
+dropped positions are then read as N positions older, out of every later query's window, and
+are overwritten before they are needed again. R bounds the drop counted from the furthest the
+row has ever reached, so repeated small rewinds cannot add up past it.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
 import torch
 
 from .config import GemmaConfig
-from .errors import ContextLengthError
+from .errors import ContextLengthError, InvalidArgumentError
 from .mask import chunk_positions, global_slot_positions, ring_slot_positions
 
 
@@ -48,22 +57,26 @@ class KVCache:
         batch_size: int,
         max_seq_len: int,
         *,
+        rewind_margin: int = 0,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.bfloat16,
     ):
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
-        # A ring longer than the context would never wrap; keep it no longer than needed.
-        self.window = min(config.sliding_window, max_seq_len)
+        self.window = min(config.sliding_window, max_seq_len)  # the longest chunk
+        # A ring as long as the context never wraps and can rewind anything; none needs to be longer.
+        self.ring = min(config.sliding_window + rewind_margin, max_seq_len)
+        self.rewind_margin = max_seq_len if self.ring == max_seq_len or not any(config.sliding_layers) else rewind_margin
         self.sliding = config.sliding_layers
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         for sliding in self.sliding:
-            slots = self.window if sliding else max_seq_len
+            slots = self.ring if sliding else max_seq_len
             shape = (batch_size, config.num_kv_heads, slots, config.head_dim)
             self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
             self.values.append(torch.zeros(shape, device=device, dtype=dtype))
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.reached = [0] * batch_size  # host-side: the longest each row has been (see rewind)
         self.rows = torch.arange(batch_size, device=device)[:, None]  # row index for writes [B, 1]
         self._mark_static()
 
@@ -76,18 +89,45 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
-    def reset(self) -> None:
-        self.lengths.zero_()
+    def reset(self, row: int | None = None) -> None:
+        """Empty every row, or one."""
+        if row is None:
+            self.lengths.zero_()
+            self.reached = [0] * self.batch_size
+        else:
+            self.lengths[row] = 0
+            self.reached[row] = 0
 
     def fork(self) -> "KVCache":
         """An independent copy of this cache (for branching a conversation)."""
-        other = object.__new__(KVCache)
-        other.__dict__.update(self.__dict__)
+        other = copy.copy(self)
         other.keys = [t.clone() for t in self.keys]
         other.values = [t.clone() for t in self.values]
         other.lengths = self.lengths.clone()
+        other.reached = list(self.reached)
         other._mark_static()
         return other
+
+    def rewindable(self, row: int) -> int:
+        """How many tokens `row` can drop now."""
+        length = int(self.lengths[row])
+        reached = max(self.reached[row], length)
+        return max(0, min(length, length - (reached - self.rewind_margin)))
+
+    def rewind(self, n: int, row: int = 0) -> None:
+        """Drop the last `n` tokens of `row`, exactly, as if they had never been fed."""
+        length = int(self.lengths[row])
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidArgumentError(f"rewind takes a number of tokens >= 0, got {n!r}")
+        if n and length == 0:
+            raise InvalidArgumentError("cannot rewind an empty cache")
+        if n > self.rewindable(row):
+            raise InvalidArgumentError(
+                f"cannot rewind {n} tokens: row {row} holds {length} and can drop at most {self.rewindable(row)} "
+                f"(rewind margin {self.rewind_margin}); prefill again instead"
+            )
+        self.reached[row] = max(self.reached[row], length)
+        self.lengths[row] = length - n
 
     def check_room(self, new_tokens: list[int]) -> None:
         """Raise unless every row can take its new tokens and still leave a slot free."""
@@ -105,7 +145,7 @@ class KVCache:
         positions, valid = chunk_positions(start, n_new, length)
         spare = start + n_new  # the slot this row's next token will take
         global_slots = torch.where(valid, positions, spare[:, None]).clamp(max=self.max_seq_len - 1)
-        ring_slots = torch.remainder(torch.where(valid, positions, spare[:, None]), self.window)
+        ring_slots = torch.remainder(torch.where(valid, positions, spare[:, None]), self.ring)
         return Chunk(start, n_new, positions, valid, global_slots, ring_slots)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, chunk: Chunk):
@@ -113,20 +153,23 @@ class KVCache:
         keys, values = self.keys[layer], self.values[layer]
         # Indexing [rows, :, slots] puts the indexed dims first: the values go in as [B, T, H, D].
         k_rows, v_rows = k.transpose(1, 2), v.transpose(1, 2)
-        if self.sliding[layer]:
+        if self.sliding[layer] and k.shape[2] > 1:
             attend_k = torch.cat([keys, k], dim=2)
             attend_v = torch.cat([values, v], dim=2)
             keys[self.rows, :, chunk.ring_slots] = k_rows
             values[self.rows, :, chunk.ring_slots] = v_rows
             return attend_k, attend_v
-        keys[self.rows, :, chunk.global_slots] = k_rows
-        values[self.rows, :, chunk.global_slots] = v_rows
+        slots = chunk.ring_slots if self.sliding[layer] else chunk.global_slots
+        keys[self.rows, :, slots] = k_rows
+        values[self.rows, :, slots] = v_rows
         return keys, values
 
     def key_positions(self, chunk: Chunk, sliding: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions and validity of the keys that `update` returns for this kind of layer."""
+        if sliding and chunk.positions.shape[1] == 1:  # written first: the ring is all there is
+            return ring_slot_positions(chunk.start + chunk.n_new, self.ring)
         if sliding:
-            ring_pos, ring_valid = ring_slot_positions(chunk.start, self.window)
+            ring_pos, ring_valid = ring_slot_positions(chunk.start, self.ring)
             return torch.cat([ring_pos, chunk.positions], 1), torch.cat([ring_valid, chunk.valid], 1)
         return global_slot_positions(chunk.start + chunk.n_new, self.max_seq_len)
 

@@ -24,6 +24,7 @@ from .session import Session
 from .text import TextStream
 from .tokenizer import END_OF_TURN, Tokenizer, chat_prompt
 
+DEFAULT_REWIND_MARGIN = 256  # tokens a sliding ring keeps beyond its window, so caches can step back
 EOS_LIMIT = 4  # how many stop ids a call can carry (the runner's fixed-size eos tensor)
 
 
@@ -39,8 +40,11 @@ class Engine:
         max_seq_len: int,
         defaults: SamplingSettings = SamplingSettings(),
         eos_ids: Sequence[int] = (),
+        rewind_margin: int = DEFAULT_REWIND_MARGIN,
     ):
-        self.runner = Runner(model, device=device, dtype=dtype, compile=compile, max_seq_len=max_seq_len)
+        self.runner = Runner(
+            model, device=device, dtype=dtype, compile=compile, max_seq_len=max_seq_len, rewind_margin=rewind_margin
+        )
         self.model = model
         self.tokenizer = tokenizer
         self.device = device

@@ -10,9 +10,9 @@ import os
 
 import torch
 
-from .engine import Engine
+from .engine import DEFAULT_REWIND_MARGIN, Engine
 from .errors import InvalidArgumentError, ModelLoadError
-from .model import Gemma3
+from .model import Gemma3, checkpoint_shapes, pack_weights
 from .sampling import SamplingSettings
 from .tokenizer import Tokenizer
 from .weights import Checkpoint, load_state_dict, read_checkpoint, resolve
@@ -77,11 +77,16 @@ def load(
     compile: bool | None = None,
     max_seq_len: int | None = None,
     quantize: str | None = None,
+    rewind_margin: int = DEFAULT_REWIND_MARGIN,
 ) -> Engine:
     """Load a Gemma 3 checkpoint (local dir, .gguf file or Hub repo id) into an Engine.
 
     quantize="int8" stores most linear weights and the head as int8 (CPU only); see quantize.py.
+    rewind_margin: how many tokens a cache can step back (each sliding layer keeps that many
+    slots beyond its window); see cache.py.
     """
+    if isinstance(rewind_margin, bool) or not isinstance(rewind_margin, int) or rewind_margin < 0:
+        raise InvalidArgumentError(f"rewind_margin must be an integer >= 0, got {rewind_margin!r}")
     if quantize not in (None, "int8"):
         raise InvalidArgumentError(f"unknown quantize={quantize!r}; the choices are None and 'int8'")
     device = parse_device(device)
@@ -112,6 +117,7 @@ def load(
         max_seq_len=max_seq_len,
         defaults=defaults,
         eos_ids=extra_eos,
+        rewind_margin=rewind_margin,
     )
 
 
@@ -127,6 +133,6 @@ def _build_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtyp
     """Build on the meta device, then take the checkpoint's tensors as the parameters: no second copy."""
     with torch.device("meta"):
         model = Gemma3(checkpoint.config)
-    expected = {name: p.shape for name, p in model.state_dict().items()}
-    model.load_state_dict(load_state_dict(checkpoint, expected, device, dtype), assign=True)
+    state = load_state_dict(checkpoint, checkpoint_shapes(model), device, dtype)
+    model.load_state_dict(pack_weights(model, state), assign=True)
     return model.eval().requires_grad_(False)

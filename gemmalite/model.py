@@ -13,8 +13,13 @@ What is Gemma-3-specific, and why it is written the way it is:
 - The MLP is GeGLU with the tanh approximation of GELU.
 - The output head is the embedding matrix (tied). Soft-capping is honoured when a config sets it.
 
-The model holds parameters only: positions, masks and the KV cache arrive with each call, so the
-same module serves a cache-less forward, chunked prefill and a compiled decode step.
+The model holds parameters (and, once `setup_rope` has run, RoPE tables): positions, masks and the
+KV cache arrive with each call, so the same module serves a cache-less forward, chunked prefill
+and a compiled decode step.
+
+q, k and v are one projection, and so are the MLP's gate and up: one matmul each instead of
+three and two. Checkpoints store them apart; `pack_weights` joins them at load, and
+`checkpoint_shapes` says what a checkpoint holds, so checkpoint names never reach the model.
 """
 
 from __future__ import annotations
@@ -41,12 +46,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, scale: float, dtype: torch.dtype):
-    """cos, sin [B, 1, T, head_dim] for neox-style rotary embedding at the given positions."""
+    """cos, sin [..., head_dim] for neox-style rotary embedding at the given positions [...]."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
     inv_freq = 1.0 / (base**exponents) / scale
-    angles = positions[..., None].float() * inv_freq  # [B, T, head_dim / 2]
+    angles = positions[..., None].float() * inv_freq  # [..., head_dim / 2]
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -64,19 +69,19 @@ class Attention(nn.Module):
         self.scale = config.query_pre_attn_scalar**-0.5
         self.softcap = config.attn_logit_softcapping
         hidden, q_dim, kv_dim = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(hidden, q_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, kv_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, kv_dim, bias=False)
+        self.split = (q_dim, kv_dim, kv_dim)
+        self.qkv_proj = nn.Linear(hidden, q_dim + 2 * kv_dim, bias=False)
         self.o_proj = nn.Linear(q_dim, hidden, bias=False)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
     def forward(self, x, rope, mask, cache: KVCache | None, chunk: Chunk | None):
         B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         # [B, T, heads * head_dim] -> [B, heads, T, head_dim]
-        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_norm(q.view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -106,12 +111,12 @@ class TiedEmbedding(nn.Embedding):
 class MLP(nn.Module):
     def __init__(self, config: GemmaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class Block(nn.Module):
@@ -140,6 +145,33 @@ class Gemma3(nn.Module):
         self.embed_tokens = TiedEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rope_tables: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}  # sliding -> (cos, sin) [L, head_dim]
+
+    def rope_settings(self, sliding: bool) -> tuple[float, float]:
+        """(base, linear scale) of a layer kind: 10k unscaled on sliding layers, 1M (maybe scaled) on global ones."""
+        cfg = self.config
+        return (cfg.rope_local_base, 1.0) if sliding else (cfg.rope_global_base, cfg.rope_global_scale)
+
+    def setup_rope(self, max_len: int) -> None:
+        """Precompute cos and sin for positions [0, max_len) per layer kind, so steps only look them up."""
+        if self.rope_tables and self.rope_tables[True][0].shape[0] >= max_len:
+            return
+        like = self.norm.weight  # the model's device and activation dtype
+        positions = torch.arange(max_len, device=like.device)
+        self.rope_tables = {
+            sliding: rope_cos_sin(positions, self.config.head_dim, *self.rope_settings(sliding), like.dtype)
+            for sliding in (True, False)
+        }
+
+    def rope(self, positions: torch.Tensor, limit: int, sliding: bool, dtype: torch.dtype):
+        """cos, sin [B, 1, T, head_dim] at `positions` [B, T], whose real ones are all below `limit`."""
+        table = self.rope_tables.get(sliding)
+        if table is not None and limit <= table[0].shape[0] and table[0].dtype == dtype:
+            # Padding positions can run past the table; clamping them changes nothing that is used.
+            at = positions.clamp(max=table[0].shape[0] - 1)
+            return table[0][at][:, None], table[1][at][:, None]
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, *self.rope_settings(sliding), dtype)
+        return cos[:, None], sin[:, None]
 
     def forward(
         self,
@@ -174,10 +206,8 @@ class Gemma3(nn.Module):
             sliding: attention_mask(positions, valid, *keys(sliding), cfg.sliding_window if sliding else None)
             for sliding in (True, False)
         }
-        rope = {
-            True: rope_cos_sin(positions, cfg.head_dim, cfg.rope_local_base, 1.0, x.dtype),
-            False: rope_cos_sin(positions, cfg.head_dim, cfg.rope_global_base, cfg.rope_global_scale, x.dtype),
-        }
+        limit = T if cache is None else cache.max_seq_len
+        rope = {sliding: self.rope(positions, limit, sliding, x.dtype) for sliding in (True, False)}
 
         for block in self.layers:
             x = block(x, rope[block.sliding], masks[block.sliding], cache, chunk)
@@ -191,3 +221,40 @@ class Gemma3(nn.Module):
         if cfg.final_logit_softcapping is not None:
             logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
         return logits
+
+
+# ---------------------------------------------------------------------- checkpoint names
+# Fused projection -> the checkpoint's separate ones, concatenated along the output rows in this order.
+PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _parts(config: GemmaConfig, name: str) -> list[tuple[str, int]]:
+    """The checkpoint tensors (name, rows) that make up the model tensor `name`."""
+    module, _, leaf = name.rpartition(".")
+    prefix, _, packed = module.rpartition(".")
+    if packed not in PACKED:
+        return []
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    rows = {"q_proj": q, "k_proj": kv, "v_proj": kv, "gate_proj": config.intermediate_size, "up_proj": config.intermediate_size}
+    return [(f"{prefix}.{part}.{leaf}", rows[part]) for part in PACKED[packed]]
+
+
+def checkpoint_shapes(model: Gemma3) -> dict[str, torch.Size]:
+    """The tensors a checkpoint holds for this model, by the checkpoint's names (no `model.` prefix)."""
+    shapes = {}
+    for name, tensor in model.state_dict().items():
+        parts = _parts(model.config, name)
+        for part, rows in parts:
+            shapes[part] = torch.Size((rows, *tensor.shape[1:]))
+        if not parts:
+            shapes[name] = tensor.shape
+    return shapes
+
+
+def pack_weights(model: Gemma3, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's state dict from a checkpoint's: fused projections concatenated, layer by layer."""
+    packed = {}
+    for name in model.state_dict():
+        parts = _parts(model.config, name)
+        packed[name] = torch.cat([state.pop(part) for part, _ in parts]) if parts else state.pop(name)
+    return packed

@@ -139,12 +139,23 @@ class Rows:
 class Runner:
     """Runs a model on KV caches: prefill, the compiled decode step, and the loop that joins them."""
 
-    def __init__(self, model: Gemma3, *, device: torch.device, dtype: torch.dtype, compile: bool, max_seq_len: int):
+    def __init__(
+        self,
+        model: Gemma3,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        compile: bool,
+        max_seq_len: int,
+        rewind_margin: int = 0,
+    ):
         self.model = model
         self.device = device
         self.dtype = dtype
         self.max_seq_len = max_seq_len
+        self.rewind_margin = rewind_margin
         self.compiled = compile
+        model.setup_rope(max_seq_len)
         # One step function per mode (kind of sampling, logprobs or not), each compiled on first
         # use: a mode's graphs then differ only by batch size.
         self._steps: dict[tuple[str, bool], tuple] = {}
@@ -180,7 +191,9 @@ class Runner:
         return sum(len(_debug_get_cache_entry_list(fn.__code__)) for fn, _ in self._steps.values())
 
     def new_cache(self, batch_size: int) -> KVCache:
-        return KVCache(self.config, batch_size, self.max_seq_len, device=self.device, dtype=self.dtype)
+        return KVCache(
+            self.config, batch_size, self.max_seq_len, rewind_margin=self.rewind_margin, device=self.device, dtype=self.dtype
+        )
 
     def checkout(self, batch_size: int) -> KVCache:
         """A cache for one call to use alone: an idle one of this batch size, else a new one."""

@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 
 from ..config import GemmaConfig
 from ..errors import ModelLoadError
-from ..model import Gemma3
+from ..model import Gemma3, checkpoint_shapes
 from .reader import import_gguf
 
 # Shards are built in memory (and copied once more while serialized), so this bounds the
@@ -78,8 +78,8 @@ def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Checkpoint name -> shape, as gemmalite's model declares it (built on the meta device: no memory)."""
     with torch.device("meta"):
         model = Gemma3(GemmaConfig.from_hf(config))
-    # The model's names are the checkpoint's without its "model." prefix.
-    return {f"model.{name}": tuple(p.shape) for name, p in model.state_dict().items()}
+    # The checkpoint's names are the model's checkpoint names with a "model." prefix.
+    return {f"model.{name}": tuple(shape) for name, shape in checkpoint_shapes(model).items()}
 
 
 def _checkpoint_name(gguf_name: str, num_layers: int) -> str | None:
