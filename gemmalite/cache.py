@@ -77,6 +77,8 @@ class KVCache:
             self.values.append(torch.zeros(shape, device=device, dtype=dtype))
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.reached = [0] * batch_size  # host-side: the longest each row has been (see rewind)
+        # Host-side: the token ids each row holds, for callers that reuse prompts; None = unknown.
+        self.tokens: list[list[int] | None] = [[] for _ in range(batch_size)]
         self.rows = torch.arange(batch_size, device=device)[:, None]  # row index for writes [B, 1]
         self._mark_static()
 
@@ -94,9 +96,11 @@ class KVCache:
         if row is None:
             self.lengths.zero_()
             self.reached = [0] * self.batch_size
+            self.tokens = [[] for _ in range(self.batch_size)]
         else:
             self.lengths[row] = 0
             self.reached[row] = 0
+            self.tokens[row] = []
 
     def fork(self) -> "KVCache":
         """An independent copy of this cache (for branching a conversation)."""
@@ -105,8 +109,36 @@ class KVCache:
         other.values = [t.clone() for t in self.values]
         other.lengths = self.lengths.clone()
         other.reached = list(self.reached)
+        other.tokens = [None if t is None else list(t) for t in self.tokens]
         other._mark_static()
         return other
+
+    def shared_prefix(self, row: int, tokens: list[int]) -> int:
+        """How many leading `tokens` this row already holds (0 when what it holds is unknown)."""
+        held = self.tokens[row]
+        if held is None:
+            return 0
+        n = 0
+        for a, b in zip(held, tokens):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def reuse(self, row: int, prompt: list[int]) -> int:
+        """Keep the longest part of this row that `prompt` starts with; return how many tokens that is.
+
+        The row steps back to where the prompt parts from what it holds (leaving at least the
+        prompt's last token to feed, for its logits); when it cannot step back that far, it is
+        emptied and nothing is kept.
+        """
+        keep = min(self.shared_prefix(row, prompt), len(prompt) - 1)
+        drop = int(self.lengths[row]) - keep
+        if keep <= 0 or drop > self.rewindable(row):
+            self.reset(row)
+            return 0
+        self.rewind(drop, row)
+        return keep
 
     def rewindable(self, row: int) -> int:
         """How many tokens `row` can drop now."""
@@ -128,6 +160,8 @@ class KVCache:
             )
         self.reached[row] = max(self.reached[row], length)
         self.lengths[row] = length - n
+        if self.tokens[row] is not None:
+            self.tokens[row] = self.tokens[row][: length - n]
 
     def check_room(self, new_tokens: list[int]) -> None:
         """Raise unless every row can take its new tokens and still leave a slot free."""

@@ -41,7 +41,9 @@ class Engine:
         defaults: SamplingSettings = SamplingSettings(),
         eos_ids: Sequence[int] = (),
         rewind_margin: int = DEFAULT_REWIND_MARGIN,
+        reuse_prompts: bool = True,
     ):
+        self.reuse_prompts = reuse_prompts
         self.runner = Runner(
             model, device=device, dtype=dtype, compile=compile, max_seq_len=max_seq_len, rewind_margin=rewind_margin
         )
@@ -98,6 +100,8 @@ class Engine:
         opts = GenerationOptions.from_kwargs(options)
         results = self._row_results(prompts, opts, texts, chat)
         steps = self.token_steps(prompts, opts, chat=chat)
+        for result, cached in zip(results, self.last_stats.cached_tokens):
+            result.cached_tokens = cached
         for block in steps:
             for row, result in enumerate(results):
                 result.add(block[row], *_row_logprobs(block, row))
@@ -121,7 +125,9 @@ class Engine:
             raise InvalidArgumentError("complete_stream() takes one prompt (a string or a list of token ids)")
         opts = GenerationOptions.from_kwargs(options)
         (result,) = self._row_results(prompts, opts, texts, chat)
-        return self._chunks(self.token_steps(prompts, opts, chat=chat, sync_every=1), result)
+        steps = self.token_steps(prompts, opts, chat=chat, sync_every=1)
+        result.cached_tokens = self.last_stats.cached_tokens[0]
+        return self._chunks(steps, result)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], **options) -> list[list[int]]:
         """New tokens for each prompt, ending with the eos token when one was produced.
@@ -177,18 +183,24 @@ class Engine:
         """
         stats = self._local.stats = Stats(prompt_tokens=[len(p) for p in prompts])
         own = cache is None
+        feed = prompts
         if own:
-            cache = self.runner.checkout(len(prompts))
-            cache.reset()
+            cache = self.runner.checkout(len(prompts), prompts if self.reuse_prompts else None)
+            if self.reuse_prompts:
+                stats.cached_tokens = [cache.reuse(row, p) for row, p in enumerate(prompts)]
+                feed = [p[kept:] for p, kept in zip(prompts, stats.cached_tokens)]
+            else:
+                cache.reset()
+        stats.cached_tokens = stats.cached_tokens or [0] * len(prompts)
         steps = self.runner.generate(
             cache,
-            prompts,
+            feed,
             options.sampling(self.defaults),
             options.new_tokens,
             self.stop_ids(options.ignore_eos, chat),
             stats,
             sync_every=sync_every,
-            histories=histories,
+            histories=histories or (prompts if own else None),
             top_logprobs=options.logprobs,
         )
         return self._returning(steps, cache) if own else steps

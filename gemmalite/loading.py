@@ -78,12 +78,14 @@ def load(
     max_seq_len: int | None = None,
     quantize: str | None = None,
     rewind_margin: int = DEFAULT_REWIND_MARGIN,
+    reuse_prompts: bool = True,
 ) -> Engine:
     """Load a Gemma 3 checkpoint (local dir, .gguf file or Hub repo id) into an Engine.
 
     quantize="int8" stores most linear weights and the head as int8 (CPU only); see quantize.py.
     rewind_margin: how many tokens a cache can step back (each sliding layer keeps that many
-    slots beyond its window); see cache.py.
+    slots beyond its window); see cache.py. reuse_prompts: keep each call's cache, so that a
+    later prompt that starts with the same tokens prefills only the rest.
     """
     if isinstance(rewind_margin, bool) or not isinstance(rewind_margin, int) or rewind_margin < 0:
         raise InvalidArgumentError(f"rewind_margin must be an integer >= 0, got {rewind_margin!r}")
@@ -118,6 +120,7 @@ def load(
         defaults=defaults,
         eos_ids=extra_eos,
         rewind_margin=rewind_margin,
+        reuse_prompts=bool(reuse_prompts),
     )
 
 

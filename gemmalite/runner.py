@@ -58,7 +58,6 @@ def decode_step(
     logits = model(tokens[:, None], cache, n_new=active.long())[:, -1]
     next_tokens = choose(logits, sampler, penalties, cache.lengths, kind)
     next_tokens = torch.where(active, next_tokens, tokens)
-    count_tokens(penalties, next_tokens, active)
     finished = (next_tokens[:, None] == eos_ids).any(-1) | (cache.lengths >= cache.max_seq_len - 1)
     chosen = logprobs(logits, next_tokens, MAX_LOGPROBS) if with_logprobs else None
     return next_tokens, active & ~finished, chosen
@@ -112,6 +111,7 @@ class Stats:
     prompt_tokens: list[int] = field(default_factory=list)
     new_tokens: list[int] = field(default_factory=list)
     finish_reasons: list[str | None] = field(default_factory=list)  # "stop" (eos or stop string) or "length"
+    cached_tokens: list[int] = field(default_factory=list)  # prompt tokens reused from an earlier call
     prefill_s: float = 0.0  # time to first token
     decode_s: float = 0.0
 
@@ -210,14 +210,22 @@ class Runner:
             self.config, batch_size, self.max_seq_len, rewind_margin=self.rewind_margin, device=self.device, dtype=self.dtype
         )
 
-    def checkout(self, batch_size: int) -> KVCache:
-        """A cache for one call to use alone: an idle one of this batch size, else a new one."""
+    def checkout(self, batch_size: int, prompts: list[list[int]] | None = None) -> KVCache:
+        """A cache for one call to use alone: an idle one of this batch size, else a new one.
+
+        With `prompts`, the idle cache that already holds the longest start of them is chosen.
+        """
         with self._pool_lock:
-            for cache in reversed(self._idle):
-                if cache.batch_size == batch_size:
-                    self._idle.remove(cache)
-                    return cache
-        return self.new_cache(batch_size)
+            fits = [c for c in self._idle if c.batch_size == batch_size]
+            if not fits:
+                return self.new_cache(batch_size)
+
+            def shared(cache: KVCache) -> int:
+                return sum(cache.shared_prefix(row, p) for row, p in enumerate(prompts or []))
+
+            best = max(reversed(fits), key=shared)  # ties: the most recently used
+            self._idle.remove(best)
+            return best
 
     def checkin(self, cache: KVCache) -> None:
         """Give a cache back for later calls; only the newest IDLE_CACHES are kept."""
@@ -242,6 +250,9 @@ class Runner:
         """Append each row's tokens to the cache; return float32 logits [B, vocab] of each row's last token."""
         lengths = [len(c) for c in chunks]
         cache.check_room(lengths)
+        for row, chunk in enumerate(chunks):
+            if cache.tokens[row] is not None:
+                cache.tokens[row] = cache.tokens[row] + list(chunk)
         width = min(PREFILL_CHUNK, cache.window)
         # Compiled chunks are padded to a few fixed lengths, so prompts of any length share graphs.
         padded = max(lengths) if not self.compiled else width * (-(-max(lengths) // width))
@@ -267,7 +278,11 @@ class Runner:
         return last
 
     def step(self, cache: KVCache, tokens, active, sampler, penalties, eos_ids, kind: str, with_logprobs: bool):
-        """One decode step, compiled when the runner is; the outputs are the caller's to keep."""
+        """One decode step, compiled when the runner is; the outputs are the caller's to keep.
+
+        The step only reads the penalty counts: the caller adds the new tokens (count_tokens).
+        A graph that wrote into a tensor that is not a static buffer could not be a CUDA graph.
+        """
         if self.device.type == "cuda" and self.compiled:
             torch.compiler.cudagraph_mark_step_begin()
         step = self._compiled(("decode", kind, with_logprobs), decode_step)
@@ -313,27 +328,53 @@ class Runner:
         penalty = penalties([settings] * batch, histories or prompts, self.config.vocab_size, self.device)
         with_logprobs = top_logprobs is not None
         out = _Collector(rows, top_logprobs)
-
-        started = time.perf_counter()
-        with torch.no_grad(), self.lock:
-            logits = self.prefill(cache, prompts)
-            tokens = choose(logits, sampler, penalty, cache.lengths, kind)
-            count_tokens(penalty, tokens, torch.ones_like(tokens, dtype=torch.bool))
-            active = (tokens[:, None] != eos_tensor).all(-1) & (cache.lengths < self.max_seq_len - 1)
-            out.add(tokens, logprobs(logits, tokens, MAX_LOGPROBS) if with_logprobs else None)
-        first = out.block()
-        stats.prefill_s = time.perf_counter() - started  # the time to first token
-        decode_started = time.perf_counter()
-        yield first
-        while not rows.done:
-            # The lock and no_grad cover the step only, never a yield: the caller's code between
-            # blocks runs in its own grad mode, and other callers' steps may run meanwhile.
+        # What each row will hold once its tokens are fed: what it held, its prompt, its reply.
+        transcripts = [None if t is None else t + p for t, p in zip(cache.tokens, prompts)]
+        prefilled = False
+        try:
+            started = time.perf_counter()
             with torch.no_grad(), self.lock:
-                tokens, active, chosen = self.step(cache, tokens, active, sampler, penalty, eos_tensor, kind, with_logprobs)
-            out.add(tokens, chosen)
-            if out.pending >= sync_every or out.pending + max(rows.produced) >= max(rows.limits):
-                yield out.block()
-                stats.decode_s = time.perf_counter() - decode_started
+                logits = self.prefill(cache, prompts)
+                prefilled = True
+                tokens = choose(logits, sampler, penalty, cache.lengths, kind)
+                count_tokens(penalty, tokens, torch.ones_like(tokens, dtype=torch.bool))
+                active = (tokens[:, None] != eos_tensor).all(-1) & (cache.lengths < self.max_seq_len - 1)
+                out.add(tokens, logprobs(logits, tokens, MAX_LOGPROBS) if with_logprobs else None)
+            first = out.block(transcripts)
+            stats.prefill_s = time.perf_counter() - started  # the time to first token
+            decode_started = time.perf_counter()
+            yield first
+            while not rows.done:
+                # The lock and no_grad cover the step only, never a yield: the caller's code between
+                # blocks runs in its own grad mode, and other callers' steps may run meanwhile.
+                with torch.no_grad(), self.lock:
+                    fed = active
+                    tokens, active, chosen = self.step(cache, tokens, active, sampler, penalty, eos_tensor, kind, with_logprobs)
+                    count_tokens(penalty, tokens, fed)
+                out.add(tokens, chosen)
+                if out.pending >= sync_every or out.pending + max(rows.produced) >= max(rows.limits):
+                    yield out.block(transcripts)
+                    stats.decode_s = time.perf_counter() - decode_started
+        finally:
+            settle(cache, transcripts if prefilled else [None] * batch)
+
+
+def settle(cache: KVCache, transcripts: list[list[int] | None]) -> None:
+    """Record which tokens each row holds after a call; forget what cannot be vouched for.
+
+    A call that ends early (an error, a stop string, a closed stream) may have fed tokens that
+    nobody saw: a row is stepped back to the tokens that are known, or emptied when it cannot
+    step back that far, or when its prefill did not finish.
+    """
+    lengths = cache.lengths.tolist()
+    for row, (length, known) in enumerate(zip(lengths, transcripts)):
+        unseen = length - len(known) if known is not None else None
+        if unseen is None or unseen > cache.rewindable(row):
+            cache.reset(row)
+        else:
+            if unseen > 0:
+                cache.rewind(unseen, row)
+            cache.tokens[row] = known[: int(cache.lengths[row])]
 
 
 def _no_logprobs(batch: int, top_logprobs: int | None):
@@ -357,9 +398,13 @@ class _Collector:
         if chosen is not None:
             self.chosen.append(chosen)
 
-    def block(self) -> Block:
+    def block(self, transcripts: list[list[int] | None]) -> Block:
+        """The pending steps as a Block; each row's taken tokens are added to its transcript."""
         tokens = torch.stack(self.tokens, 1).tolist()  # [B, steps]: the one host sync
         taken = [self.rows.take(row, tokens[row]) for row in range(len(tokens))]
+        for transcript, new in zip(transcripts, taken):
+            if transcript is not None:
+                transcript.extend(new)
         logprobs = top = None
         if self.top_logprobs is not None:
             n = self.top_logprobs

@@ -8,6 +8,11 @@ The cache's `lengths` is the authority on what it holds. The transcript (`tokens
 token ahead of it: the last token a reply produced has not been fed yet, and is fed at the start
 of the next turn.
 
+A reply cut at a stop string ends the transcript where its text ends: the tokens generated past
+it are dropped, from the transcript and (by stepping back) from the cache. `undo` removes the
+last exchange the same way. When the cache cannot step back that far (see the rewind margin in
+cache.py), it is emptied and the next turn feeds the whole transcript again: slower, never wrong.
+
 A session drives its engine through the engine's public pieces (`check_prompts`, `token_steps`,
 `text_stream`, `stream_text`); it keeps its own cache and transcript.
 """
@@ -30,6 +35,7 @@ class Session:
         self.chat = chat
         self.cache = engine.runner.new_cache(1)
         self._tokens: list[int] = []
+        self._turn_starts: list[int] = []  # where each exchange begins in the transcript
 
     @property
     def tokens(self) -> list[int]:
@@ -44,7 +50,23 @@ class Session:
     def reset(self) -> None:
         """Forget the conversation: an empty transcript and an empty cache."""
         self._tokens = []
+        self._turn_starts = []
         self.cache.reset()
+
+    def undo(self) -> None:
+        """Remove the last exchange (the last turn and its reply), as if it had never happened."""
+        if not self._turn_starts:
+            raise InvalidArgumentError("there is no exchange to undo")
+        self._truncate(self._turn_starts.pop())
+
+    def _truncate(self, length: int) -> None:
+        """Cut the transcript to `length` tokens and the cache to match, stepping back when it can."""
+        self._tokens = self._tokens[:length]
+        drop = int(self.cache.lengths[0]) - length
+        if drop > self.cache.rewindable(0):
+            self.cache.reset()  # the next turn feeds the whole transcript again
+        elif drop > 0:
+            self.cache.rewind(drop)
 
     def fork(self) -> "Session":
         """An independent copy, for branching: both go on from here without touching each other."""
@@ -52,6 +74,7 @@ class Session:
         other.engine, other.system, other.chat = self.engine, self.system, self.chat
         other.cache = self.cache.fork()
         other._tokens = list(self._tokens)
+        other._turn_starts = list(self._turn_starts)
         return other
 
     def send(self, text: str, **options) -> str:
@@ -64,7 +87,25 @@ class Session:
             raise InvalidArgumentError("a session turn is a string")
         opts = GenerationOptions.from_kwargs(options)
         steps = self._turn(self._turn_tokens(text), opts)
-        return self.engine.stream_text(steps, self.engine.text_stream(opts, self.chat))
+        return self._reply_text(steps, self.engine.text_stream(opts, self.chat))
+
+    def _reply_text(self, steps, text) -> Iterator[str]:
+        reply_start = len(self._tokens)
+        yield from self.engine.stream_text(steps, text)
+        if text.stopped:
+            self._end_at_text(reply_start, text.text)
+
+    def _end_at_text(self, reply_start: int, text: str) -> None:
+        """End the transcript where the reply's text ends (just before a stop string)."""
+        reply = self._tokens[reply_start:]
+        decode = self.engine.decode
+        whole = len(reply)
+        while whole > 0 and not (text.startswith(shown := decode(reply[:whole])) and "\ufffd" not in shown):
+            whole -= 1
+        rest = text[len(decode(reply[:whole])) :]  # the start of a token the stop string cut through
+        self._truncate(reply_start + whole)
+        if rest:
+            self._tokens.extend(self.engine.tokenizer.encode(rest, bos=False))
 
     def send_ids(self, ids: list[int], **options) -> list[int]:
         """Append raw token ids (no template) and return the reply's token ids."""
@@ -88,6 +129,7 @@ class Session:
         prompt = engine.check_prompts([self._tokens[fed:] + turn])
         history = [self._tokens + turn]
         steps = engine.token_steps(prompt, options, chat=self.chat, cache=self.cache, sync_every=1, histories=history)
+        self._turn_starts.append(len(self._tokens))
         self._tokens.extend(turn)
         return self._record(steps)
 
