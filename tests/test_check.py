@@ -62,7 +62,8 @@ def test_report_names_torch_version_graph_count_and_breaks(report):
     assert report["graph breaks"].detail.startswith("0 graph break(s)")
     text = report.format()
     assert "PASS  compiled == eager greedy: 200/200 tokens, 12 ring wraps" in text
-    assert text.splitlines()[-1].startswith("all checks passed: 6 passed, 0 failed, 2 skipped")
+    assert "PASS  compiled prefill == eager" in text  # the seventh check: compiled prefill
+    assert text.splitlines()[-1].startswith("all checks passed: 7 passed, 0 failed, 2 skipped")
 
 
 def test_speed_is_measured(report):
