@@ -11,7 +11,7 @@ from .errors import (
 )
 from .loading import load
 from .options import GenerationOptions
-from .runner import Stats
+from .loop import Stats
 
 __all__ = [
     "ContextLengthError",

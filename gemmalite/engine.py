@@ -18,7 +18,8 @@ from .config import GemmaConfig
 from .errors import ContextLengthError, InvalidArgumentError
 from .model import Gemma3
 from .options import GenerationOptions
-from .runner import Block, Runner, Stats
+from .loop import Block, Stats, Steps, generate
+from .runner import Runner
 from .sampling import SamplingSettings
 from .session import Session
 from .text import TextStream
@@ -100,15 +101,17 @@ class Engine:
         opts = GenerationOptions.from_kwargs(options)
         results = self._row_results(prompts, opts, texts, chat)
         steps = self.token_steps(prompts, opts, chat=chat)
-        for result, cached in zip(results, self.last_stats.cached_tokens):
+        for result, cached in zip(results, steps.stats.cached_tokens):
             result.cached_tokens = cached
-        for block in steps:
-            for row, result in enumerate(results):
-                result.add(block[row], *_row_logprobs(block, row))
-            if all(r.stopped for r in results):
-                steps.close()
-                break
-        stats = self.last_stats
+        try:
+            for block in steps:
+                for row, result in enumerate(results):
+                    result.add(block[row], *_row_logprobs(block, row))
+                if all(r.stopped for r in results):
+                    break
+        finally:
+            steps.close()
+        stats = steps.stats
         done = [r.result(reason) for r, reason in zip(results, stats.finish_reasons)]
         stats.finish_reasons[:] = [c.finish_reason for c in done]
         return done[0] if single else done
@@ -126,7 +129,7 @@ class Engine:
         opts = GenerationOptions.from_kwargs(options)
         (result,) = self._row_results(prompts, opts, texts, chat)
         steps = self.token_steps(prompts, opts, chat=chat, sync_every=1)
-        result.cached_tokens = self.last_stats.cached_tokens[0]
+        result.cached_tokens = steps.stats.cached_tokens[0]
         return self._chunks(steps, result)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], **options) -> list[list[int]]:
@@ -175,7 +178,7 @@ class Engine:
         cache: KVCache | None = None,
         sync_every: int = 8,
         histories: list[list[int]] | None = None,
-    ) -> Iterator[Block]:
+    ) -> Steps:
         """The runner's token loop for checked prompts. Without a cache, the call takes one of its own.
 
         `histories`: each row's whole transcript before the reply, when the cache already holds
@@ -192,7 +195,8 @@ class Engine:
             else:
                 cache.reset()
         stats.cached_tokens = stats.cached_tokens or [0] * len(prompts)
-        steps = self.runner.generate(
+        steps = generate(
+            self.runner,
             cache,
             feed,
             options.sampling(self.defaults),
@@ -203,7 +207,7 @@ class Engine:
             histories=histories or (prompts if own else None),
             top_logprobs=options.logprobs,
         )
-        return self._returning(steps, cache) if own else steps
+        return Steps(self._returning(steps, cache) if own else steps, stats)
 
     def _returning(self, steps: Iterator[Block], cache: KVCache) -> Iterator[Block]:
         """Pass the blocks through; give the cache back to the pool when the loop ends or is closed."""
@@ -216,7 +220,7 @@ class Engine:
     def text_stream(self, options: GenerationOptions, chat: bool = False) -> TextStream:
         return TextStream(self.decode, options.stop, self.stop_ids(options.ignore_eos, chat))
 
-    def stream_text(self, steps: Iterator[Block], text: TextStream) -> Iterator[str]:
+    def stream_text(self, steps: Steps, text: TextStream) -> Iterator[str]:
         """Text pieces of a one-row token loop, ending at a stop string."""
         try:
             for (piece,) in steps:
@@ -225,14 +229,15 @@ class Engine:
                     yield shown
                 if text.stopped:
                     break
-            self._mark_stopped([text])
+            if text.stopped:
+                steps.stats.finish_reasons[0] = "stop"
             rest = text.flush()
             if rest:
                 yield rest
         finally:
             steps.close()
 
-    def _chunks(self, steps: Iterator[Block], result: RowResult) -> Iterator[CompletionChunk]:
+    def _chunks(self, steps: Steps, result: RowResult) -> Iterator[CompletionChunk]:
         try:
             for block in steps:
                 chunk = result.add(block[0], *_row_logprobs(block, 0))
@@ -240,7 +245,7 @@ class Engine:
                     yield chunk
                 if result.stopped:
                     break
-            stats = self.last_stats
+            stats = steps.stats
             last = result.last_chunk(stats.finish_reasons[0] if stats.finish_reasons else None)
             if stats.finish_reasons:
                 stats.finish_reasons[0] = last.finish_reason
@@ -267,12 +272,6 @@ class Engine:
             raise InvalidArgumentError("stop strings need a text prompt; with token ids, use eos ids or max_new_tokens")
         make_text = (lambda: self.text_stream(options, chat)) if texts else None
         return [RowResult.for_prompt(p, make_text, options.logprobs is not None) for p in prompts]
-
-    def _mark_stopped(self, texts: list[TextStream]) -> None:
-        """A row cut at a stop string finished with "stop", whatever the runner saw."""
-        for row, text in enumerate(texts):
-            if text.stopped:
-                self.last_stats.finish_reasons[row] = "stop"
 
     def stop_ids(self, ignore_eos: bool, chat: bool = False) -> tuple[int, ...]:
         """The token ids that end a reply: eos, and <end_of_turn> in chat."""

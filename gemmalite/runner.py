@@ -1,21 +1,22 @@
-"""The decode runner: prefill in chunks, one compiled decode step, and the token loop.
+"""The runner: a model on KV caches, prefilled in chunks and stepped by one compiled function.
 
-Compile lives here, at the edge: the model stays eager, and the runner compiles one function,
-`decode_step`, with `torch.compile(mode="reduce-overhead", fullgraph=True)`. Every input that
-changes between steps (tokens, which rows are still active, cache lengths, sampling settings) is
-a tensor, so the step compiles once per batch size and per mode (greedy or sampling), and on CUDA
-each later call replays a CUDA graph.
+Compile lives here, at the edge: the model stays eager, and the runner compiles `decode_step`
+with `torch.compile(mode="reduce-overhead", fullgraph=True)`, and `prefill_chunk`. Every input
+that changes between steps (tokens, which rows are still active, cache lengths, sampling
+settings, penalties) is a tensor, so the step compiles once per batch size and per way of
+choosing (see sampling.sampling_kind), and on CUDA each later call replays a CUDA graph. Prefill
+chunks are no longer than the sliding window (see cache.py for why) and, compiled, are padded to
+a few fixed lengths, so prompts of any length share a handful of graphs.
 
-Prefill runs eagerly, in chunks no longer than the sliding window (see cache.py for why).
+The runner also lends caches: each call takes one of its own from a small pool (`checkout`),
+and model calls take turns under `lock`, so threads never share a cache. loop.py drives it.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 import types
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
 
@@ -23,20 +24,7 @@ from .cache import KVCache
 from .config import GemmaConfig
 from .model import Gemma3
 from .options import MAX_LOGPROBS
-from .sampling import (
-    GREEDY,
-    Penalties,
-    SamplerState,
-    SamplingSettings,
-    apply_penalties,
-    count_tokens,
-    greedy,
-    logprobs,
-    penalties,
-    sample,
-    sampler_state,
-    sampling_kind,
-)
+from .sampling import Penalties, SamplerState, apply_penalties, greedy, logprobs, sample
 
 PREFILL_CHUNK = 512
 IDLE_CACHES = 2  # caches kept between calls (more are made while calls overlap)
@@ -82,17 +70,6 @@ def choose(logits, sampler: SamplerState | None, penalties: Penalties, positions
     return greedy(scores) if sampler is None else sample(scores, sampler, positions, kind)
 
 
-class Block(list):
-    """What the loop yields: each row's new tokens, and their log-probabilities when asked for.
-
-    `logprobs[row]` is a list of floats; `top[row]` a list, per token, of (id, logprob) pairs.
-    """
-
-    def __init__(self, tokens, logprobs=None, top=None):
-        super().__init__(tokens)
-        self.logprobs, self.top = logprobs, top
-
-
 def fresh_function(fn):
     """A copy of `fn` with its own code object.
 
@@ -104,53 +81,8 @@ def fresh_function(fn):
     return copy
 
 
-@dataclass
-class Stats:
-    """Figures from the last generation call."""
-
-    prompt_tokens: list[int] = field(default_factory=list)
-    new_tokens: list[int] = field(default_factory=list)
-    finish_reasons: list[str | None] = field(default_factory=list)  # "stop" (eos or stop string) or "length"
-    cached_tokens: list[int] = field(default_factory=list)  # prompt tokens reused from an earlier call
-    prefill_s: float = 0.0  # time to first token
-    decode_s: float = 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        steps = max(self.new_tokens, default=0) - 1
-        return steps / self.decode_s if self.decode_s > 0 and steps > 0 else 0.0
-
-
-class Rows:
-    """Which rows are still going: each row's budget, what it produced, and why it finished."""
-
-    def __init__(self, limits: list[int], eos_ids: Sequence[int], stats: Stats):
-        self.limits = limits
-        self.eos_ids = frozenset(eos_ids)
-        self.produced = stats.new_tokens = [0] * len(limits)
-        self.reasons = stats.finish_reasons = [None] * len(limits)
-
-    @property
-    def done(self) -> bool:
-        return all(r is not None for r in self.reasons)
-
-    def take(self, row: int, tokens: list[int]) -> list[int]:
-        """The row's share of `tokens`: up to and including an eos, and within its budget."""
-        taken = []
-        for token in tokens:
-            if self.reasons[row] is not None:
-                break
-            taken.append(token)
-            self.produced[row] += 1
-            if token in self.eos_ids:
-                self.reasons[row] = "stop"
-            elif self.produced[row] >= self.limits[row]:
-                self.reasons[row] = "length"
-        return taken
-
-
 class Runner:
-    """Runs a model on KV caches: prefill, the compiled decode step, and the loop that joins them."""
+    """Runs a model on KV caches: prefill and the compiled decode step; loop.generate joins them."""
 
     def __init__(
         self,
@@ -294,125 +226,3 @@ class Runner:
         padded = torch.full((EOS_SLOTS,), -1, dtype=torch.long)
         padded[: len(eos_ids)] = torch.tensor(list(eos_ids)[:EOS_SLOTS], dtype=torch.long)
         return padded.to(self.device)
-
-    def generate(
-        self,
-        cache: KVCache,
-        prompts: list[list[int]],
-        settings: SamplingSettings,
-        max_new_tokens: int,
-        eos_ids: tuple[int, ...],
-        stats: Stats,
-        *,
-        sync_every: int = 8,
-        histories: list[list[int]] | None = None,
-        top_logprobs: int | None = None,
-    ) -> Iterator[Block]:
-        """Yield, every `sync_every` steps, a Block of the tokens each row produced since the last.
-
-        The prompts are appended to what the cache holds; `histories` (default: the prompts) are
-        the tokens the repetition penalty counts as prompt. Rows stop at an eos id, at
-        max_new_tokens, or when their transcript reaches max_seq_len. `top_logprobs` (None: off)
-        asks for each token's log-probability and the top N alternatives.
-        """
-        held = cache.lengths.tolist()
-        batch = len(prompts)
-        rows = Rows([min(max_new_tokens, self.max_seq_len - h - len(p)) for h, p in zip(held, prompts)], eos_ids, stats)
-        if max_new_tokens == 0:
-            rows.reasons[:] = ["length"] * batch
-            yield Block([[] for _ in prompts], *_no_logprobs(batch, top_logprobs))
-            return
-        eos_tensor = self.eos_tensor(eos_ids)
-        kind = sampling_kind([settings])
-        sampler = None if kind == GREEDY else sampler_state(settings, batch, self.device)
-        penalty = penalties([settings] * batch, histories or prompts, self.config.vocab_size, self.device)
-        with_logprobs = top_logprobs is not None
-        out = _Collector(rows, top_logprobs)
-        # What each row will hold once its tokens are fed: what it held, its prompt, its reply.
-        transcripts = [None if t is None else t + p for t, p in zip(cache.tokens, prompts)]
-        prefilled = False
-        try:
-            started = time.perf_counter()
-            with torch.no_grad(), self.lock:
-                logits = self.prefill(cache, prompts)
-                prefilled = True
-                tokens = choose(logits, sampler, penalty, cache.lengths, kind)
-                count_tokens(penalty, tokens, torch.ones_like(tokens, dtype=torch.bool))
-                active = (tokens[:, None] != eos_tensor).all(-1) & (cache.lengths < self.max_seq_len - 1)
-                out.add(tokens, logprobs(logits, tokens, MAX_LOGPROBS) if with_logprobs else None)
-            first = out.block(transcripts)
-            stats.prefill_s = time.perf_counter() - started  # the time to first token
-            decode_started = time.perf_counter()
-            yield first
-            while not rows.done:
-                # The lock and no_grad cover the step only, never a yield: the caller's code between
-                # blocks runs in its own grad mode, and other callers' steps may run meanwhile.
-                with torch.no_grad(), self.lock:
-                    fed = active
-                    tokens, active, chosen = self.step(cache, tokens, active, sampler, penalty, eos_tensor, kind, with_logprobs)
-                    count_tokens(penalty, tokens, fed)
-                out.add(tokens, chosen)
-                if out.pending >= sync_every or out.pending + max(rows.produced) >= max(rows.limits):
-                    yield out.block(transcripts)
-                    stats.decode_s = time.perf_counter() - decode_started
-        finally:
-            settle(cache, transcripts if prefilled else [None] * batch)
-
-
-def settle(cache: KVCache, transcripts: list[list[int] | None]) -> None:
-    """Record which tokens each row holds after a call; forget what cannot be vouched for.
-
-    A call that ends early (an error, a stop string, a closed stream) may have fed tokens that
-    nobody saw: a row is stepped back to the tokens that are known, or emptied when it cannot
-    step back that far, or when its prefill did not finish.
-    """
-    lengths = cache.lengths.tolist()
-    for row, (length, known) in enumerate(zip(lengths, transcripts)):
-        unseen = length - len(known) if known is not None else None
-        if unseen is None or unseen > cache.rewindable(row):
-            cache.reset(row)
-        else:
-            if unseen > 0:
-                cache.rewind(unseen, row)
-            cache.tokens[row] = known[: int(cache.lengths[row])]
-
-
-def _no_logprobs(batch: int, top_logprobs: int | None):
-    return (None, None) if top_logprobs is None else ([[] for _ in range(batch)], [[] for _ in range(batch)])
-
-
-class _Collector:
-    """Gathers step outputs on the device and turns them into a Block at each sync."""
-
-    def __init__(self, rows: Rows, top_logprobs: int | None):
-        self.rows, self.top_logprobs = rows, top_logprobs
-        self.tokens: list[torch.Tensor] = []
-        self.chosen: list[tuple] = []
-
-    @property
-    def pending(self) -> int:
-        return len(self.tokens)
-
-    def add(self, tokens: torch.Tensor, chosen) -> None:
-        self.tokens.append(tokens)
-        if chosen is not None:
-            self.chosen.append(chosen)
-
-    def block(self, transcripts: list[list[int] | None]) -> Block:
-        """The pending steps as a Block; each row's taken tokens are added to its transcript."""
-        tokens = torch.stack(self.tokens, 1).tolist()  # [B, steps]: the one host sync
-        taken = [self.rows.take(row, tokens[row]) for row in range(len(tokens))]
-        for transcript, new in zip(transcripts, taken):
-            if transcript is not None:
-                transcript.extend(new)
-        logprobs = top = None
-        if self.top_logprobs is not None:
-            n = self.top_logprobs
-            chosen = torch.stack([c[0] for c in self.chosen], 1).tolist()  # [B, steps]
-            values = torch.stack([c[1][:, :n] for c in self.chosen], 1).tolist()  # [B, steps, n]
-            ids = torch.stack([c[2][:, :n] for c in self.chosen], 1).tolist()
-            logprobs = [chosen[row][: len(taken[row])] for row in range(len(taken))]
-            top = [[list(zip(i, v)) for i, v in zip(ids[row], values[row])][: len(taken[row])] for row in range(len(taken))]
-        self.tokens.clear()
-        self.chosen.clear()
-        return Block(taken, logprobs, top)

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from .errors import ContextLengthError, InvalidArgumentError
+from .loop import Block, Steps
 from .options import GenerationOptions
 from .tokenizer import END_OF_TURN, chat_prompt
 
@@ -114,7 +115,7 @@ class Session:
             reply.extend(piece)
         return reply
 
-    def _turn(self, turn: list[int], options: GenerationOptions) -> Iterator[list[list[int]]]:
+    def _turn(self, turn: list[int], options: GenerationOptions) -> Steps:
         """Append a turn's tokens and decode the reply: the engine's loop, on this session's cache."""
         engine = self.engine
         if not turn:
@@ -131,9 +132,9 @@ class Session:
         steps = engine.token_steps(prompt, options, chat=self.chat, cache=self.cache, sync_every=1, histories=history)
         self._turn_starts.append(len(self._tokens))
         self._tokens.extend(turn)
-        return self._record(steps)
+        return Steps(self._record(steps), steps.stats)
 
-    def _record(self, steps: Iterator[list[list[int]]]) -> Iterator[list[list[int]]]:
+    def _record(self, steps: Steps) -> Iterator[Block]:
         """Pass the reply's tokens through, adding each to the transcript as it arrives."""
         prefilled = False
         try:
