@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import sentencepiece
 
-from .errors import ModelLoadError
+from .errors import InvalidArgumentError, ModelLoadError
 
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
@@ -65,3 +66,33 @@ def chat_prompt(user: str, system: str | None = None) -> str:
     if system:
         user = f"{system}\n\n{user}"
     return f"{START_OF_TURN}user\n{user}{END_OF_TURN}\n{START_OF_TURN}model\n"
+
+
+def chat_messages_prompt(messages: Sequence[tuple[str, str]]) -> str:
+    """A conversation in Gemma's template, ready for the model's next reply.
+
+    `messages` are (role, text) pairs: an optional "system" first, then "user" and "assistant"
+    turns alternating, starting and ending with "user". As in the template Google ships with the
+    checkpoints, the system text is folded into the first user turn and each turn is trimmed.
+    """
+    system, turns = None, list(messages)
+    if turns and turns[0][0] == "system":
+        system, turns = turns[0][1], turns[1:]
+    if not turns:
+        raise InvalidArgumentError("a conversation needs at least one user message")
+    parts = []
+    for i, (role, text) in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            if role == "system":
+                place = "a system message may only come first"
+            else:
+                place = f"message {i + (system is not None)} should be {expected!r}"
+            raise InvalidArgumentError(
+                f"roles must alternate user/assistant after an optional system message; {place}, got {role!r}"
+            )
+        prefix = f"{system}\n\n" if i == 0 and system is not None else ""
+        parts.append(f"{START_OF_TURN}{'user' if role == 'user' else 'model'}\n{prefix}{text.strip()}{END_OF_TURN}\n")
+    if turns[-1][0] != "user":
+        raise InvalidArgumentError("the last message must be the user's: the model replies to it")
+    return "".join(parts) + f"{START_OF_TURN}model\n"

@@ -4,8 +4,10 @@
     gemmalite chat [options]              a conversation, one turn per line
     gemmalite convert FILE.gguf OUT_DIR   turn a GGUF into a checkpoint directory
     gemmalite check [options]             check the compiled path on this machine
+    gemmalite serve [options]             an OpenAI-compatible server (needs gemmalite[serve])
 
-One module per command: generate.py (the prompt form), chat.py, tools.py (convert and check).
+One module per command: generate.py (the prompt form), chat.py, tools.py (convert and check),
+serve.py.
 options.py holds the flags they share and turns them into the engine's GenerationOptions;
 defaults.py picks the sampling settings; console.py holds what every command writes.
 
@@ -29,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import ContextLengthError, GemmaliteError, InvalidArgumentError, one_line
-from . import chat, generate, tools
+from . import chat, generate, serve, tools
 from .console import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, PROG
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
@@ -57,6 +59,7 @@ COMMANDS: dict[str, Command] = {
     "convert": Command("convert a GGUF file into a checkpoint directory", tools.configure_convert, tools.run_convert),
     "chat": Command("talk with a model in turns (for instruction-tuned models)", chat.configure, chat.run),
     "check": Command("prove the compiled decode path on this machine and measure it", tools.configure_check, tools.run_check),
+    "serve": Command("serve an OpenAI-compatible API with continuous batching", serve.configure, serve.run),
 }
 
 

@@ -1,0 +1,441 @@
+"""Continuous batching: many requests decoded together, each in one row of one cache.
+
+A `Scheduler` owns `parallel` slots, the rows of one KV cache, and runs one loop in a thread of
+its own. Each turn of the loop:
+
+1. admit: waiting requests take free slots, first come first served;
+2. prefill: new prompts, oldest first (all of them when no one is decoding, else at most
+   PREFILL_BUDGET tokens, so the others wait one chunk at most);
+3. decode: one step for the whole batch. Rows with no request in flight are frozen (inactive),
+   so the step always has the same shape and compiles once per sampling kind;
+4. hand each request its new token, and free the slots that finished or were cancelled.
+
+Prompts are prefilled in a one-row staging cache, then copied into their slot's row: a prefill
+pads every row of a batch to the longest chunk, so one prompt prefilled in a batch of 8 would
+cost eight prompts' compute.
+
+Prompt reuse. A slot keeps its cache when its request ends. A new request takes the free slot
+whose transcript shares the longest prefix with its prompt, as llama-server does, steps that row
+back to the shared part and prefills only the rest. A slot is taken for its prefix only when that
+prefix is at least half of what it holds, so a short shared start (a system prompt) does not evict
+another conversation; otherwise the least recently used slot is taken. Stepping back works within the
+cache's rewind margin (see cache.py), so a conversation re-sent as a whole message list prefills
+only its new turn even where the reply, re-tokenized from text, differs from the generated tokens
+near its end. Only identical tokens are ever shared: a request sees another's cache only where
+its own prompt holds the same tokens at the same positions.
+
+Each request gets the tokens it would get alone: its noise key is seed_key(seed, 0), as for the
+first prompt of a call, and the noise depends on the position, never on the row; its penalties
+count its own prompt and reply; its first token comes from a one-row prefill, as in a call of its
+own. Stop tokens are checked here on the host, per request, so chat and plain requests (which
+stop at different ids) can share a batch.
+
+The scheduler knows nothing of HTTP: `submit` takes a Request with a callback, which receives
+CompletionChunks (the last one has finish_reason and usage) or one exception.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import threading
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .cache import KVCache
+from .completion import CompletionChunk, RowResult
+from .errors import ContextLengthError, GemmaliteError, InvalidArgumentError
+from .options import MAX_LOGPROBS, GenerationOptions
+from .runner import PREFILL_CHUNK, choose
+from .sampling import (
+    GREEDY,
+    Penalties,
+    SamplerState,
+    SamplingSettings,
+    count_tokens,
+    logprobs,
+    penalties,
+    sampler_state,
+    sampling_kind,
+    seed_key,
+)
+
+PREFILL_BUDGET = PREFILL_CHUNK  # prompt tokens prefilled between two decode steps while others decode
+
+
+class QueueFullError(GemmaliteError):
+    """Every slot is busy and the waiting line is full: the caller should try again later."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: checked prompt ids and options, and where its chunks go.
+
+    `deliver` is called from the scheduler's thread with each CompletionChunk, or once with an
+    exception; it must not block. Set `cancelled` through Scheduler.cancel.
+    """
+
+    prompt: list[int]
+    options: GenerationOptions
+    deliver: Callable[[CompletionChunk | BaseException], None]
+    chat: bool = False  # stop at <end_of_turn> as well as eos
+    reuse: bool = True  # may start from a slot's cached prefix
+    cancelled: bool = False
+
+
+class Slot:
+    """One row of the cache and the request it serves (None when free); the cache knows the row's tokens."""
+
+    def __init__(self, row: int):
+        self.row = row
+        self.last_used = 0  # when its last request ended: free slots are taken least recently used first
+        self.release()
+
+    def release(self) -> None:
+        self.request: Request | None = None
+        self.pending: list[int] = []  # prompt tokens still to prefill
+        self.decoding = False
+        self.admitted = 0
+
+    def start(self, request: Request, settings, budget: int, stop_ids, result: RowResult, kept: int, admitted: int):
+        self.request, self.settings, self.budget, self.stop_ids, self.result = request, settings, budget, stop_ids, result
+        self.top = request.options.logprobs  # None: no logprobs; N: the top N alternatives
+        self.pending = request.prompt[kept:]
+        self.produced = 0
+        self.last = 0  # the newest token: fed at the next step
+        self.admitted = admitted
+
+
+def copy_row(src: KVCache, src_row: int, dst: KVCache, dst_row: int) -> None:
+    """Make `dst_row` of `dst` hold exactly what `src_row` of `src` holds (caches of one runner)."""
+    length = int(src.lengths[src_row])
+    for sliding, k_src, k_dst, v_src, v_dst in zip(src.sliding, src.keys, dst.keys, src.values, dst.values):
+        # A global buffer holds position p in slot p: slots past the length are never read.
+        upto = None if sliding else length
+        k_dst[dst_row, :, :upto].copy_(k_src[src_row, :, :upto])
+        v_dst[dst_row, :, :upto].copy_(v_src[src_row, :, :upto])
+    dst.lengths[dst_row] = length
+    dst.reached[dst_row] = src.reached[src_row]
+    dst.tokens[dst_row] = None if src.tokens[src_row] is None else list(src.tokens[src_row])
+
+
+def _row(state, row: int):
+    """One row of a SamplerState or Penalties, as views: in-place updates reach the whole batch's tensors."""
+    return type(state)(*(t[row : row + 1] for t in state))
+
+
+class Scheduler:
+    """The slots, the waiting line, and the loop that prefills and decodes them (see the module doc)."""
+
+    def __init__(self, engine, *, parallel: int = 4, max_queue: int = 64, defaults: SamplingSettings | None = None):
+        for name, value, least in (("parallel", parallel, 1), ("max_queue", max_queue, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InvalidArgumentError(f"{name} must be an integer >= {least}, got {value!r}")
+        self.engine = engine
+        self.runner = engine.runner
+        self.defaults = engine.defaults if defaults is None else defaults
+        self.max_queue = max_queue
+        self.cache = self.runner.new_cache(parallel)
+        self.staging = self.runner.new_cache(1)
+        self.slots = [Slot(row) for row in range(parallel)]
+        neutral = [SamplingSettings()] * parallel
+        device = self.runner.device
+        self.sampler = sampler_state(neutral, parallel, device, keys=[0] * parallel)
+        self.penalties = penalties(neutral, [[]] * parallel, engine.config.vocab_size, device)
+        self.eos = self.runner.eos_tensor(())  # the step's own eos test is unused: stops are per request
+        self._waiting: deque[Request] = deque()
+        self._filling: Slot | None = None  # the slot whose prompt is in the staging cache
+        self._clock = itertools.count(1)
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def parallel(self) -> int:
+        return len(self.slots)
+
+    # ------------------------------------------------------------------ the public side
+    def start(self) -> None:
+        """Run the loop in a background thread until close()."""
+        self._thread = threading.Thread(target=self._loop, name="gemmalite-scheduler", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the loop; requests still waiting or in flight get an error."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        error = GemmaliteError("the server is shutting down")
+        for request in [*self._waiting, *(s.request for s in self.slots if s.request is not None)]:
+            self._send(request, error)
+        self._waiting.clear()
+        for slot in self.slots:
+            slot.release()
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; QueueFullError when every slot is busy and the waiting line is full."""
+        with self._cond:
+            if self._closed:
+                raise GemmaliteError("the server is shutting down")
+            free = sum(s.request is None for s in self.slots)
+            if len(self._waiting) >= free + self.max_queue:
+                raise QueueFullError(
+                    f"all {self.parallel} slots are busy and {len(self._waiting)} requests are waiting; try again later"
+                )
+            self._waiting.append(request)
+            self._cond.notify_all()
+
+    def cancel(self, request: Request) -> None:
+        """Drop a request (a client that went away): its slot is freed at the next turn of the loop."""
+        request.cancelled = True
+        with self._cond:
+            self._cond.notify_all()
+
+    def status(self) -> dict:
+        return {
+            "slots": self.parallel,
+            "busy": sum(s.request is not None for s in self.slots),
+            "queued": len(self._waiting),
+        }
+
+    def warm_up(self, settings: Sequence[SamplingSettings] = (SamplingSettings(),)) -> None:
+        """Compile the prefill and the decode step for these sampling settings (before start())."""
+        bos = self.engine.config.bos_token_id
+        for s in settings:
+            sampling = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p)
+            options = GenerationOptions(max_new_tokens=2, ignore_eos=True, **sampling)
+            self._waiting.append(Request([bos], options, deliver=lambda _: None, reuse=False))
+            while self._has_work():
+                self.step()
+        self.cache.reset()
+
+    # ------------------------------------------------------------------ the loop
+    def _has_work(self) -> bool:
+        return bool(self._waiting) or any(s.request is not None for s in self.slots)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._has_work():
+                    self._cond.wait()
+                if self._closed:
+                    return
+            try:
+                self.step()
+            except Exception as error:  # a bug: fail what is in flight, and go on serving
+                self._filling = None
+                self._fail([s for s in self.slots if s.request is not None], error)
+
+    def step(self) -> None:
+        """One turn: admit, prefill one piece, decode one step. The loop's thread calls it (tests may too)."""
+        with self._cond:
+            self._drop_cancelled()
+            self._admit()
+        self._prefill()
+        self._decode()
+
+    def _drop_cancelled(self) -> None:
+        self._waiting = deque(r for r in self._waiting if not r.cancelled)
+        for slot in self.slots:
+            if slot.request is not None and slot.request.cancelled:
+                if slot is self._filling:  # keep what was prefilled: a retry may reuse it
+                    copy_row(self.staging, 0, self.cache, slot.row)
+                    self._filling = None
+                self._release(slot)
+
+    def _admit(self) -> None:
+        while self._waiting:
+            free = [s for s in self.slots if s.request is None]
+            if not free:
+                return
+            request = self._waiting.popleft()
+            try:
+                self._take(request, free)
+            except Exception as error:  # a request's own error never stops the others
+                self._report(error)
+                self._send(request, error)
+
+    def _take(self, request: Request, free: list[Slot]) -> None:
+        engine, prompt, options = self.engine, request.prompt, request.options
+        if not prompt or len(prompt) >= engine.max_seq_len:
+            raise ContextLengthError(f"a prompt must have 1 to {engine.max_seq_len - 1} tokens, got {len(prompt)}")
+        settings = options.sampling(self.defaults)
+        result = RowResult.for_prompt(prompt, lambda: engine.text_stream(options, request.chat), options.logprobs is not None)
+        budget = min(options.new_tokens, engine.max_seq_len - len(prompt))
+        if budget == 0:
+            self._send(request, result.last_chunk("length"))
+            return
+        slot = self._choose_slot(request, free)
+        if request.reuse:
+            keep = self.cache.reuse(slot.row, prompt)  # steps back to the shared part, or empties the row
+        else:
+            keep = 0
+            self.cache.reset(slot.row)
+        self._set_row(slot.row, settings, prompt)
+        result.cached_tokens = keep
+        stop_ids = frozenset(engine.stop_ids(options.ignore_eos, request.chat))
+        slot.start(request, settings, budget, stop_ids, result, keep, next(self._clock))
+
+    def _choose_slot(self, request: Request, free: list[Slot]) -> Slot:
+        """The free slot with the longest usable prefix, when it is most of what that slot holds (so
+        little is evicted); else the least recently used (an empty one first).
+        """
+        scored = [(s, self._reusable(s, request)) for s in free]
+        matching = [(s, keep) for s, keep in scored if keep and 2 * keep >= int(self.cache.lengths[s.row])]
+        if matching:
+            return max(matching, key=lambda pair: pair[1])[0]
+        return min(free, key=lambda s: s.last_used)
+
+    def _reusable(self, slot: Slot, request: Request) -> int:
+        """How many of the prompt's tokens this slot's cache can serve (as KVCache.reuse would keep)."""
+        if not request.reuse:
+            return 0
+        keep = min(self.cache.shared_prefix(slot.row, request.prompt), len(request.prompt) - 1)
+        return keep if int(self.cache.lengths[slot.row]) - keep <= self.cache.rewindable(slot.row) else 0
+
+    def _set_row(self, row: int, settings: SamplingSettings, prompt: list[int]) -> None:
+        """The row's sampling and penalty tensors for a new request (the step reads them in place)."""
+        s, p = self.sampler, self.penalties
+        s.temperature[row] = settings.temperature
+        s.top_k[row] = min(settings.top_k, self.engine.config.vocab_size)
+        s.top_p[row] = settings.top_p
+        s.min_p[row] = settings.min_p
+        s.keys[row] = seed_key(settings.seed, 0)
+        p.repetition[row] = settings.repetition_penalty
+        p.presence[row] = settings.presence_penalty
+        p.frequency[row] = settings.frequency_penalty
+        p.in_prompt[row] = False
+        p.in_prompt[row, torch.tensor(prompt, device=p.in_prompt.device)] = True
+        p.counts[row] = 0
+
+    def _prefill(self) -> None:
+        """Prefill waiting prompts, oldest first, one at a time in the staging cache: all of them when
+        no one is decoding, else up to PREFILL_BUDGET tokens (a long prompt goes on at the next turn).
+        """
+        budget = PREFILL_BUDGET if any(s.decoding for s in self.slots) else None
+        while budget is None or budget > 0:
+            slot = self._filling
+            if slot is None:
+                waiting = [s for s in self.slots if s.request is not None and s.pending]
+                if not waiting:
+                    return
+                slot = min(waiting, key=lambda s: s.admitted)
+            chunk = slot.pending if budget is None else slot.pending[:budget]
+            if budget is not None:
+                budget -= len(chunk)
+            self._prefill_piece(slot, chunk)
+
+    def _prefill_piece(self, slot: Slot, chunk: list[int]) -> None:
+        """Append `chunk` of the slot's prompt in the staging cache; after the last piece, the first token."""
+        try:
+            if self._filling is None:
+                if int(self.cache.lengths[slot.row]):
+                    copy_row(self.cache, slot.row, self.staging, 0)
+                else:
+                    self.staging.reset()
+                self._filling = slot
+            with torch.no_grad(), self.runner.lock:
+                logits = self.runner.prefill(self.staging, [chunk])
+            slot.pending = slot.pending[len(chunk) :]
+            if slot.pending:
+                return
+            copy_row(self.staging, 0, self.cache, slot.row)
+            self._filling = None
+            token, chosen = self._first_token(slot, logits)
+        except Exception as error:
+            self._filling = None
+            self._fail([slot], error)
+            return
+        slot.decoding = True
+        self._emit(slot, token, chosen)
+
+    @torch.no_grad()
+    def _first_token(self, slot: Slot, logits: torch.Tensor):
+        """Pick the first new token from the prompt's last logits [1, vocab], as a call of its own would."""
+        row = slot.row
+        kind = sampling_kind([slot.settings])
+        sampler = None if kind == GREEDY else _row(self.sampler, row)
+        penalty: Penalties = _row(self.penalties, row)
+        token = choose(logits, sampler, penalty, self.cache.lengths[row : row + 1], kind)
+        count_tokens(penalty, token, torch.ones_like(token, dtype=torch.bool))
+        chosen = logprobs(logits, token, MAX_LOGPROBS) if slot.top is not None else None
+        return int(token[0]), None if chosen is None else [t[0].tolist() for t in chosen]
+
+    def _decode(self) -> None:
+        """One decode step for every row in flight; the rest are frozen."""
+        rows = [s for s in self.slots if s.decoding]
+        if not rows:
+            return
+        try:
+            active = torch.zeros(self.parallel, dtype=torch.bool)
+            tokens = torch.zeros(self.parallel, dtype=torch.long)
+            for s in rows:
+                active[s.row], tokens[s.row] = True, s.last
+            device = self.runner.device
+            active, tokens = active.to(device), tokens.to(device)
+            kind = sampling_kind([s.settings for s in rows])
+            sampler: SamplerState | None = None if kind == GREEDY else self.sampler
+            with_logprobs = any(s.top is not None for s in rows)
+            with torch.no_grad(), self.runner.lock:
+                step = self.runner.step(self.cache, tokens, active, sampler, self.penalties, self.eos, kind, with_logprobs)
+                tokens, _, chosen = step
+                count_tokens(self.penalties, tokens, active)
+            tokens = tokens.tolist()  # the one host sync of a step
+            chosen = None if chosen is None else [t.tolist() for t in chosen]
+        except Exception as error:
+            self._fail(rows, error)
+            return
+        for s in rows:
+            self.cache.tokens[s.row].append(s.last)  # fed by this step (prefill keeps the books itself)
+            self._emit(s, tokens[s.row], None if chosen is None else [c[s.row] for c in chosen])
+
+    def _emit(self, slot: Slot, token: int, chosen) -> None:
+        """Hand a request its new token; end it at a stop token, a stop string or its budget."""
+        request = slot.request
+        slot.produced += 1
+        slot.last = token
+        logprob = top = None
+        if slot.top is not None:
+            chosen_logprob, values, ids = chosen
+            logprob, top = [chosen_logprob], [list(zip(ids[: slot.top], values[: slot.top]))]
+        chunk = slot.result.add([token], logprob, top)
+        if chunk.text or chunk.token_ids:
+            self._send(request, chunk)
+        reason = None
+        if token in slot.stop_ids or slot.result.stopped:
+            reason = "stop"
+        elif slot.produced >= slot.budget:
+            reason = "length"
+        if reason is not None:
+            self._send(request, slot.result.last_chunk(reason))
+            self._release(slot)
+
+    def _release(self, slot: Slot) -> None:
+        slot.release()
+        slot.last_used = next(self._clock)
+
+    def _fail(self, slots: list[Slot], error: BaseException) -> None:
+        """The model call of these rows failed: their caches are unknown now, so start them over."""
+        self._report(error)
+        for slot in slots:
+            self.cache.reset(slot.row)
+            if slot.request is not None:
+                self._send(slot.request, error)
+            self._release(slot)
+
+    def _send(self, request: Request, item) -> None:
+        try:
+            request.deliver(item)
+        except Exception:  # the receiver is gone (e.g. its event loop closed): stop working for it
+            request.cancelled = True
+
+    @staticmethod
+    def _report(error: BaseException) -> None:
+        if not isinstance(error, GemmaliteError):  # a bug, not a bad request: say where
+            traceback.print_exception(error, file=sys.stderr)

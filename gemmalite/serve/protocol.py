@@ -1,0 +1,362 @@
+"""The OpenAI wire format: request bodies in, checked; response and chunk bodies out.
+
+Plain functions on dicts, with no web framework: `parse_chat` and `parse_completion` turn a JSON
+body into a `Job` (prompt ids and GenerationOptions) or raise `APIError`, which carries the status
+and the OpenAI error body. The response builders take the engine's CompletionChunks.
+
+Field names and shapes follow the OpenAI API; the extensions are vLLM's and llama-server's names
+(top_k, min_p, repetition_penalty, ignore_eos, cache_prompt).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import uuid
+from dataclasses import dataclass, fields
+
+from ..completion import CompletionChunk, Usage
+from ..errors import GemmaliteError, InvalidArgumentError
+from ..options import MAX_LOGPROBS, GenerationOptions
+from ..tokenizer import chat_messages_prompt
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+UNSUPPORTED = (  # fields whose use would change the answer; refused rather than ignored
+    ("tools", "tool calls are not supported"),
+    ("functions", "function calls are not supported"),
+    ("logit_bias", "logit_bias is not supported"),
+    ("suffix", "suffix (insertion) is not supported"),
+)
+NUMBERS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+FLOAT32_MAX = 3.4e38
+NO_LOGPROB = -9999.0  # JSON has no -inf: a token no sampler could choose gets this, as OpenAI does
+
+
+class APIError(Exception):
+    """A request that cannot be served: an HTTP status and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None, type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checked request: what to generate, and how to answer."""
+
+    chat: bool  # /v1/chat/completions (else /v1/completions)
+    prompt: list[int]
+    options: GenerationOptions
+    stream: bool
+    include_usage: bool  # stream_options.include_usage
+    reuse: bool  # cache_prompt: may start from a cached prefix
+
+
+def parse_json(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, not {type(body).__name__}")
+    try:  # JSON may spell a lone surrogate (\\ud800), which is no text a tokenizer can read
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise APIError(400, "the request holds a lone UTF-16 surrogate (such as \\ud800): not valid text") from None
+    return body
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+# ---------------------------------------------------------------------- requests
+def parse_chat(body: dict, engine, defaults: GenerationOptions) -> Job:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
+    pairs = [_message(m, i) for i, m in enumerate(messages)]
+    try:
+        text = chat_messages_prompt(pairs)
+    except InvalidArgumentError as e:
+        raise APIError(400, str(e), param="messages") from None
+    logprobs = _get(body, "logprobs", bool)
+    top = _get(body, "top_logprobs", int, lambda v: 0 <= v <= MAX_LOGPROBS, f"an integer in [0, {MAX_LOGPROBS}]")
+    if top is not None and not logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    prompt = _check_length(engine, engine.encode(text), "messages")
+    return _job(body, engine, defaults, prompt, chat=True, logprobs=(top or 0) if logprobs else None)
+
+
+def parse_completion(body: dict, engine, defaults: GenerationOptions) -> Job:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        ids = engine.encode(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+        try:
+            engine.check_ids(prompt)
+        except InvalidArgumentError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        ids = list(prompt)
+    else:
+        raise APIError(400, "prompt must be a string or a non-empty list of token ids (one prompt per request)", param="prompt")
+    if _get(body, "echo", bool):
+        raise APIError(400, "echo is not supported", param="echo")
+    if _get(body, "best_of", int) not in (None, 1):
+        raise APIError(400, "best_of must be 1", param="best_of")
+    logprobs = _get(body, "logprobs", int, lambda v: 0 <= v <= MAX_LOGPROBS, f"an integer in [0, {MAX_LOGPROBS}]")
+    return _job(body, engine, defaults, _check_length(engine, ids, "prompt"), chat=False, logprobs=logprobs)
+
+
+def _message(message, index: int) -> tuple[str, str]:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise APIError(400, f"{where} must be an object with role and content", param=where)
+    role = message.get("role")
+    if not isinstance(role, str) or role not in ROLES:
+        raise APIError(400, f"{where}.role must be one of {', '.join(ROLES)}; got {role!r}", param=f"{where}.role")
+    if message.get("tool_calls"):
+        raise APIError(400, "tool calls are not supported", param=f"{where}.tool_calls")
+    content = message.get("content")
+    if content is None and role == "assistant":
+        content = ""
+    if isinstance(content, list):  # parts, joined as Gemma's template joins them
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise APIError(400, f"{where}.content: only text parts ({{type: text, text}}) are supported", param=f"{where}.content")
+        content = "".join(p["text"].strip() for p in content)
+    if not isinstance(content, str):
+        raise APIError(400, f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
+    return ROLES[role], content
+
+
+def _job(body: dict, engine, defaults: GenerationOptions, prompt: list[int], *, chat: bool, logprobs: int | None) -> Job:
+    _get(body, "model", str)
+    for name, message in UNSUPPORTED:
+        if body.get(name):
+            raise APIError(400, message, param=name)
+    if body.get("tool_choice") not in (None, "none"):
+        raise APIError(400, "tool calls are not supported", param="tool_choice")
+    response_format = body.get("response_format")
+    if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
+        raise APIError(400, "only response_format {type: text} is supported", param="response_format")
+    if _get(body, "n", int) not in (None, 1):
+        raise APIError(400, "n must be 1: one choice per request", param="n")
+    stream = bool(_get(body, "stream", bool))
+    stream_options = _get(body, "stream_options", dict)
+    if stream_options is not None and not stream:
+        raise APIError(400, "stream_options needs stream: true", param="stream_options")
+    include_usage = _get(stream_options or {}, "include_usage", bool, name="stream_options.include_usage")
+    max_tokens = _get(body, "max_completion_tokens", int, lambda v: v >= 1, "an integer >= 1")
+    if max_tokens is None:
+        max_tokens = _get(body, "max_tokens", int, lambda v: v >= 1, "an integer >= 1")
+    top_k = _get(body, "top_k", int, lambda v: v >= -1, "an integer >= 0 (0 or -1: off)")
+    given = {
+        "max_new_tokens": max_tokens,
+        "top_k": None if top_k is None else max(top_k, 0),
+        **{name: _get(body, name, float) for name in NUMBERS},
+        "seed": _get(body, "seed", int),
+        "ignore_eos": _get(body, "ignore_eos", bool),
+        "stop": _stops(body.get("stop")),
+        "logprobs": logprobs,
+    }
+    merged = {f.name: getattr(defaults, f.name) for f in fields(GenerationOptions)}
+    merged.update({name: value for name, value in given.items() if value is not None})
+    if merged["max_new_tokens"] is None:  # as OpenAI and vLLM: until the context is full
+        merged["max_new_tokens"] = engine.max_seq_len - len(prompt)
+    if given["logprobs"] is None:
+        merged["logprobs"] = None
+    try:
+        options = GenerationOptions(**merged)
+    except InvalidArgumentError as e:
+        raise APIError(400, str(e), param=_param_named_in(str(e))) from None
+    reuse = _get(body, "cache_prompt", bool)
+    return Job(chat, prompt, options, stream, bool(include_usage), reuse is not False)
+
+
+def _get(body: dict, key: str, kind: type, check=None, expected: str | None = None, *, name: str | None = None):
+    """body[key] when present and not null, checked to be of `kind` (an int is a float too, a bool is neither)."""
+    value = body.get(key)
+    if value is None:
+        return None
+    name = name or key
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        try:
+            value = float(value) if ok else value
+        except OverflowError:  # an integer too large for a float
+            ok = False
+        ok = ok and math.isfinite(value) and abs(value) <= FLOAT32_MAX  # sampling runs in float32
+    else:
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if not ok or (check is not None and not check(value)):
+        kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "an object"}
+        raise APIError(400, f"{name} must be {expected or kinds[kind]}, got {json.dumps(value)[:80]}", param=name)
+    return value
+
+
+def _stops(stop) -> tuple[str, ...] | None:
+    if stop is None:
+        return None
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 16:
+        raise APIError(400, "stop must be a non-empty string or a list of at most 16 of them", param="stop")
+    return tuple(stops)
+
+
+def _param_named_in(message: str) -> str | None:
+    """The request field an options error names (the options use the API's names, bar max_new_tokens)."""
+    first = message.split(" ", 1)[0]
+    return first if re.fullmatch(r"[a-z_]+", first) else None
+
+
+def _check_length(engine, prompt: list[int], param: str) -> list[int]:
+    limit = engine.max_seq_len
+    if len(prompt) >= limit:
+        raise APIError(
+            400,
+            f"the prompt has {len(prompt)} tokens, but this server's context is {limit} tokens: "
+            f"at most {limit - 1} prompt tokens fit (one place is left for the reply)",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return prompt
+
+
+# ---------------------------------------------------------------------- responses
+class Answer:
+    """Builds the bodies of one response (whole, or as stream chunks) from CompletionChunks."""
+
+    def __init__(self, job: Job, model: str, tokenizer):
+        self.job, self.model, self.tokenizer = job, model, tokenizer
+        self.id = f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.offset = 0  # legacy logprobs: where the next token's text starts
+        self._names: dict[int, tuple[str, bytes, int]] = {}
+
+    def _envelope(self, chunk: bool) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.job.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def first_chunk(self) -> dict | None:
+        """Chat streams open with the assistant's role, as OpenAI's do."""
+        if not self.job.chat:
+            return None
+        return self._stream_body({"role": "assistant", "content": ""}, None, None)
+
+    def chunk(self, piece: CompletionChunk) -> dict | None:
+        """The stream chunk for new text (None when there is nothing to say)."""
+        if not piece.text and not (self.job.options.logprobs is not None and piece.token_ids):
+            return None
+        delta = {"content": piece.text} if self.job.chat else piece.text
+        return self._stream_body(delta, self.logprobs(piece), None)
+
+    def last_chunks(self, last: CompletionChunk) -> list[dict]:
+        """The chunk with the finish reason (and any held-back text), then the usage chunk when asked for."""
+        bodies = []
+        if last.text:
+            bodies.append(self._stream_body({"content": last.text} if self.job.chat else last.text, None, None))
+        bodies.append(self._stream_body({} if self.job.chat else "", None, last.finish_reason))
+        if self.job.include_usage:
+            bodies.append({**self._envelope(True), "choices": [], "usage": usage(last.usage)})
+        return bodies
+
+    def _stream_body(self, delta, logprobs, finish_reason) -> dict:
+        choice = {"index": 0, ("delta" if self.job.chat else "text"): delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        body = {**self._envelope(True), "choices": [choice]}
+        if self.job.include_usage:
+            body["usage"] = None
+        return body
+
+    def whole(self, pieces: list[CompletionChunk]) -> dict:
+        """The non-streaming response, from every chunk of the request (the last has the usage)."""
+        text = "".join(p.text for p in pieces)
+        last = pieces[-1]
+        merged = CompletionChunk(
+            text,
+            [t for p in pieces for t in p.token_ids],
+            [x for p in pieces for x in p.logprobs or []],
+            [x for p in pieces for x in p.top_logprobs or []],
+        )
+        content = {"message": {"role": "assistant", "content": text}} if self.job.chat else {"text": text}
+        choice = {"index": 0, **content, "logprobs": self.logprobs(merged), "finish_reason": last.finish_reason}
+        return {**self._envelope(False), "choices": [choice], "usage": usage(last.usage)}
+
+    def logprobs(self, piece: CompletionChunk) -> dict | None:
+        if self.job.options.logprobs is None:
+            return None
+        names = [self.token(t) for t in piece.token_ids]
+        if self.job.chat:
+            return {
+                "content": [
+                    {
+                        **self._entry(name, lp),
+                        "top_logprobs": [self._entry(self.token(i), v) for i, v in top],
+                    }
+                    for name, lp, top in zip(names, piece.logprobs, piece.top_logprobs)
+                ]
+            }
+        offsets = []
+        for _, _, width in names:
+            offsets.append(self.offset)
+            self.offset += width
+        return {
+            "tokens": [name[0] for name in names],
+            "token_logprobs": [_finite(lp) for lp in piece.logprobs],
+            "top_logprobs": [{self.token(i)[0]: _finite(v) for i, v in top} for top in piece.top_logprobs],
+            "text_offset": offsets,
+        }
+
+    @staticmethod
+    def _entry(name: tuple[str, bytes, int], logprob: float) -> dict:
+        return {"token": name[0], "logprob": _finite(logprob), "bytes": list(name[1])}
+
+    def token(self, token_id: int) -> tuple[str, bytes, int]:
+        """A token as text, bytes, and the number of characters it adds to the text.
+
+        A byte piece (<0xE2>) that is not ASCII is "bytes:\\xe2", as in OpenAI's answers, and counts
+        as a character at a character's first byte; a control token (<end_of_turn>) is its piece name.
+        """
+        if token_id not in self._names:
+            piece = self.tokenizer.sp.id_to_piece(token_id) if token_id < self.tokenizer.vocab_size else ""
+            byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+            if byte:
+                value = int(byte.group(1), 16)
+                name = f"bytes:\\x{value:02x}" if value >= 0x80 else chr(value)
+                self._names[token_id] = name, bytes([value]), int(value < 0x80 or value >= 0xC0)
+            else:
+                text = self.tokenizer.decode([token_id])
+                shown = text if text and "\ufffd" not in text else piece
+                self._names[token_id] = shown, shown.encode(), len(text) if "\ufffd" not in text else 0
+        return self._names[token_id]
+
+
+def usage(u: Usage) -> dict:
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else NO_LOGPROB
+
+
+def error_for(error: BaseException) -> APIError:
+    """The API error for an exception raised while a request ran."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, InvalidArgumentError):
+        return APIError(400, str(error))
+    if isinstance(error, GemmaliteError):  # the server is shutting down
+        return APIError(503, str(error))
+    return APIError(500, f"the server failed on this request: {type(error).__name__}: {error}")
