@@ -69,8 +69,11 @@ class SamplingSettings:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
+FLOAT32_MAX = 3.4e38  # settings become float32 tensors: larger values would turn into inf
+
+
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not abs(x) > FLOAT32_MAX
 
 
 class SamplerState(NamedTuple):

@@ -158,6 +158,7 @@ def test_two_interleaved_streams_in_one_thread_do_not_mix(tiny_engine):
         (lambda e: e.generate_ids([[2]], repetition_penalty=0), "repetition_penalty"),
         (lambda e: e.generate_ids([[2]], presence_penalty=-0.5), "presence_penalty"),
         (lambda e: e.generate_ids([[2]], frequency_penalty=float("nan")), "frequency_penalty"),
+        (lambda e: e.generate_ids([[2]], presence_penalty=1e308), "presence_penalty"),
         (lambda e: e.complete([2], logprobs=21), "logprobs"),
         (lambda e: e.generate("hi", logprobs=2), "complete"),
         (lambda e: e.generate_ids([[2]], stop="x"), "stop"),
