@@ -55,22 +55,26 @@ def test_rewinding_too_far_or_an_empty_cache_is_refused_and_changes_nothing(tiny
     assert cache.tokens[0] == ([2] + ids(30, seed=5))[:29]
 
 
-def test_a_session_ends_exactly_where_its_text_stops(tiny_engine, fresh):
-    session = tiny_engine.session(chat=False)
+@pytest.mark.parametrize("which", ["eager", "compiled"])
+def test_a_session_ends_exactly_where_its_text_stops(tiny_engine, compiled_engine, fresh, which):
+    engine = tiny_engine if which == "eager" else compiled_engine
+    session = engine.session(chat=False)
     full = fresh.generate("Once upon a time", max_new_tokens=30, ignore_eos=True)
     stop = full[10:13]
     reply = session.send("Once upon a time", max_new_tokens=30, ignore_eos=True, stop=stop)
     assert reply == full[: full.index(stop)]
-    assert tiny_engine.decode(session.tokens) == "Once upon a time" + reply
+    assert engine.decode(session.tokens) == "Once upon a time" + reply
     assert int(session.cache.lengths[0]) <= len(session.tokens)
     nxt = session.send_ids(ids(3, seed=6), max_new_tokens=12, ignore_eos=True)
     transcript = session.tokens[: -len(nxt)]
     assert nxt == fresh.generate_ids([transcript], max_new_tokens=12, ignore_eos=True)[0]
 
 
+@pytest.mark.parametrize("which", ["eager", "compiled"])
 @pytest.mark.parametrize("reply_tokens", [2, 40], ids=["inside-margin", "re-prefilled"])
-def test_undo_removes_the_last_exchange(tiny_engine, fresh, reply_tokens):
-    session = tiny_engine.session(chat=False)
+def test_undo_removes_the_last_exchange(tiny_engine, compiled_engine, fresh, reply_tokens, which):
+    engine = tiny_engine if which == "eager" else compiled_engine
+    session = engine.session(chat=False)
     session.send_ids([2] + ids(10, seed=7), max_new_tokens=6, ignore_eos=True)
     before = session.tokens
     session.send_ids([9], max_new_tokens=reply_tokens - 1, ignore_eos=True)  # one turn token + the reply
