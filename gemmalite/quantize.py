@@ -1,17 +1,29 @@
-"""int8 weights for CPU decoding, run by fbgemm's int8 matmul.
+"""int8 weights for CPU decoding, run by fbgemm's int8 matmul, close to lossless.
 
 At batch 1, decoding reads every weight once per token, so its speed is the speed of reading
 weights. Gemma's tied 262144-row output head alone is 168M weights. int8 weights halve the bytes
 of bf16, and fbgemm's int8 kernels read them about twice as fast as the bf16 matmul does here.
 
-Weights are symmetric int8 with one scale per output channel (per row). fbgemm's kernel also
-quantizes each call's activations, per token, to 8 bits; CPUs without VNNI need them kept to 7
-bits (`reduce_range`) so that their 16-bit pair sums cannot saturate.
+Weights: symmetric int8, one scale per output row, for every projection and the output head.
 
-Which layers: the head and every projection except each MLP's down_proj. down_proj's input,
-gelu(gate) * up, has outliers that 8-bit activations cannot hold: quantizing it alone costs
-more than all the others together (measured on Gemma 3 270M; see weights.md). The embedding
-shares the head's int8 rows: a looked-up row is dequantized with its scale.
+Activations are where the error came from. fbgemm's dynamic int8 matmul quantizes its input
+too, with one 8-bit scale for the whole tensor, and only 7 bits on CPUs without VNNI (where
+16-bit pair sums could saturate). Gemma's activations have outliers, so that cost more than
+the int8 weights did: on Gemma 3 270M against bf16 it gave a mean KL of 0.24 nats per token on
+an AVX2 CPU, 0.054 on one with VNNI (see weights.md). So the activations do not go through
+fbgemm's quantizer. Each token's activations are written as two 7-bit digits,
+
+    x = (high + low / 126) * step,   step = max|x| / 63,   high, low integers in [-63, 63],
+
+and both digits go through the int8 matmul as two rows of one call, which fbgemm computes
+exactly (integer sums; scale 1 and zero point 64 map the digits to themselves). x keeps about
+14 bits per token, more than bf16 keeps of a typical value, and 7-bit digits never saturate.
+At batch 1 the second row is free: the matmul is bound by reading the weights, not by
+arithmetic. What remains is the int8 weights' own rounding.
+
+The output head's rounding matters most where it can change the winner: the top 64 logits are
+recomputed from the float rows (a 64-row matmul). The embedding keeps the float rows for its
+lookups, so the first layer sees the exact embedding.
 
 Activations stay in the engine's dtype between layers; only the int8 matmuls run in float32.
 """
@@ -21,23 +33,15 @@ from __future__ import annotations
 import itertools
 import warnings
 import weakref
-from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidArgumentError
 
-
-def _cpu_has_vnni() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags or "asimddp" in flags
-
-
-REDUCE_RANGE = not _cpu_has_vnni()
+DIGIT = 63  # an activation digit is an integer in [-63, 63]: 7 bits
+RESCORED = 64  # how many of the head's top logits are recomputed from the float rows
 
 
 def _int8_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -59,14 +63,15 @@ _keys = itertools.count()
 
 
 @torch.library.custom_op("gemmalite::int8_linear", mutates_args=())
-def int8_linear(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
-    """x [N, in] float32 @ int8 weight [out, in]^T, by fbgemm."""
-    return torch.ops.quantized.linear_dynamic(x, _PACKED[key], REDUCE_RANGE)
+def int8_linear(digits: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    """digits [N, in] (float32 holding integers in [-63, 63]) @ int8 weight [out, in]^T, by fbgemm."""
+    # With scale 1 and zero point 64, fbgemm's input quantization maps each digit to itself.
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(digits, 1.0, DIGIT + 1, _PACKED[key])
 
 
 @int8_linear.register_fake
-def _(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], out_features)
+def _(digits: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return digits.new_empty(digits.shape[0], out_features)
 
 
 class Int8Linear(nn.Module):
@@ -79,34 +84,40 @@ class Int8Linear(nn.Module):
         weakref.finalize(self, _PACKED.pop, self.key, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).float()
-        out = int8_linear(flat, self.key, self.out_features)
+        flat = x.reshape(-1, self.in_features).float()  # [N, in]
+        n = flat.shape[0]
+        # Two digits per activation, one step per token: flat = (high + low / 126) * step.
+        step = flat.abs().amax(-1, keepdim=True).clamp(min=1e-30) / DIGIT
+        high = torch.round(flat / step)
+        low = torch.round((flat - high * step) / step * (2 * DIGIT))
+        both = int8_linear(torch.cat([high, low]), self.key, self.out_features)  # [2N, out]
+        out = (both[:n] + both[n:] / (2 * DIGIT)) * step
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 class Int8TiedEmbedding(nn.Module):
-    """The tied embedding / output head, with int8 rows."""
+    """The tied embedding / output head: int8 rows for the logits, the float rows for the rest."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        rows = _int8_rows(weight)
-        self.register_buffer("rows", rows.int_repr(), persistent=False)
-        self.register_buffer("scales", rows.q_per_channel_scales().float(), persistent=False)
-        self.head = Int8Linear(rows)
-        self.dtype = weight.dtype  # the engine's activation dtype
+        # A buffer, not a parameter: decoding reads one row of it per token, not all of it.
+        self.register_buffer("weight", weight.detach(), persistent=False)
+        self.head = Int8Linear(_int8_rows(weight))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return (self.rows[ids].float() * self.scales[ids, None]).to(self.dtype)
+        return F.embedding(ids, self.weight)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x)
-
-
-KEEP_FLOAT = ("down_proj",)
+        logits = self.head(x)  # [B, T, vocab]
+        if not RESCORED:
+            return logits
+        top = logits.topk(min(RESCORED, logits.shape[-1]), dim=-1).indices  # [B, T, k]
+        exact = (self.weight[top] @ x[..., None]).squeeze(-1)  # [B, T, k, hidden] @ [B, T, hidden, 1]
+        return logits.scatter(-1, top, exact)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Swap the linear layers (but down_proj) and the tied embedding for int8 versions, in place (CPU only)."""
+    """Swap every linear layer and the tied head for int8 versions, in place (CPU only)."""
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         raise InvalidArgumentError("int8 needs PyTorch's fbgemm CPU kernels, which this build lacks")
     if any(p.device.type != "cpu" for p in model.parameters()):
@@ -114,7 +125,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     torch.backends.quantized.engine = "fbgemm"
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and name not in KEEP_FLOAT:
+            if isinstance(child, nn.Linear):
                 setattr(module, name, Int8Linear(_int8_rows(child.weight)))
     model.embed_tokens = Int8TiedEmbedding(model.embed_tokens.weight)
     return model

@@ -85,14 +85,16 @@ class GemmaliteRunner:
             compile=mode.endswith("compiled"),
             quantize="int8" if mode.startswith("int8") else None,
             max_seq_len=MAX_SEQ_LEN,
+            reuse_prompts=False,  # a repeated prompt must be prefilled again: time to first token is a cold prefill
         )
         self.load_s = time.perf_counter() - t
         self.weight_bytes = weight_bytes(self.engine.model)
 
-    def generate(self, prompts, new_tokens) -> tuple[float, float]:
-        """(time to first token, seconds for the remaining tokens)."""
+    def generate(self, prompts, new_tokens, sampling=None) -> tuple[float, float]:
+        """(time to first token, seconds for the remaining tokens); greedy, or `sampling` (SAMPLED)."""
         sync(self.device)
-        self.engine.generate_ids(prompts, max_new_tokens=new_tokens, ignore_eos=True)
+        seeded = {**sampling, "seed": 0} if sampling else {}
+        self.engine.generate_ids(prompts, max_new_tokens=new_tokens, ignore_eos=True, **seeded)
         stats = self.engine.last_stats
         return stats.prefill_s, stats.decode_s
 
@@ -121,13 +123,13 @@ class TransformersRunner:
             self.model.forward = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
         self.last_cache_bytes = 0
 
-    def _run(self, prompts, new_tokens):
+    def _run(self, prompts, new_tokens, sampling=None):
         from transformers import GenerationConfig
 
         ids = torch.tensor(prompts, device=self.device)
         settings = GenerationConfig(
-            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
-            return_dict_in_generate=True,
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=bool(sampling), eos_token_id=None, pad_token_id=0,
+            return_dict_in_generate=True, **(sampling or {}),
         )
         if self.static:
             settings.cache_implementation = "static"
@@ -139,12 +141,12 @@ class TransformersRunner:
             self.last_cache_bytes = sum(t.numel() * t.element_size() for t in _cache_tensors(cache))
         return out
 
-    def generate(self, prompts, new_tokens) -> tuple[float, float]:
+    def generate(self, prompts, new_tokens, sampling=None) -> tuple[float, float]:
         t = time.perf_counter()
-        self._run(prompts, 1)
+        self._run(prompts, 1, sampling)
         ttft = time.perf_counter() - t
         t = time.perf_counter()
-        self._run(prompts, new_tokens)
+        self._run(prompts, new_tokens, sampling)
         total = time.perf_counter() - t
         return ttft, max(total - ttft, 1e-9)
 
@@ -162,6 +164,7 @@ def _cache_tensors(cache):
 
 # ---------------------------------------------------------------------- the benchmark
 MAX_SEQ_LEN = 4096 + 160
+SAMPLED = {"temperature": 1.0, "top_k": 64, "top_p": 0.95}  # Gemma IT's defaults (generation_config.json)
 
 
 @dataclass
@@ -192,6 +195,8 @@ def benchmark(runners, args, device, bandwidth) -> list[Result]:
         results[r.name].figures["first_call_s"] = time.perf_counter() - t
         for batch in args.batches:
             r.generate([prompt(16, s) for s in range(batch)], 8)
+            if args.sampling:
+                r.generate([prompt(16, s) for s in range(batch)], 8, SAMPLED)
 
     def each(fn, key_fn):
         for i in range(args.runs):
@@ -209,12 +214,17 @@ def benchmark(runners, args, device, bandwidth) -> list[Result]:
         for context in args.contexts:
             for r in runners:
                 reset_peak_memory(device)
+            # With --sampling, each engine decodes greedy then sampled in the same run, so both see the same machine.
             each(
-                lambda r: (*r.generate([prompt(context, s) for s in range(batch)], args.new_tokens), r.kv_bytes(), peak_memory_bytes(device)),
+                lambda r: (
+                    *r.generate([prompt(context, s) for s in range(batch)], args.new_tokens), r.kv_bytes(), peak_memory_bytes(device),
+                    *(r.generate([prompt(context, s) for s in range(batch)], args.new_tokens, SAMPLED) if args.sampling else ()),
+                ),
                 lambda v, b=batch, c=context: {
                     f"decode_tok_s@b{b},ctx{c}": (args.new_tokens - 1) / v[1],
                     f"kv_bytes@b{b},ctx{c}": v[2],
                     f"peak_bytes@b{b},ctx{c}": v[3],
+                    **({f"decode_tok_s@b{b},ctx{c},sampled": (args.new_tokens - 1) / v[5]} if len(v) > 4 else {}),
                 },
             )
     out = []
@@ -265,12 +275,35 @@ def random_checkpoint(shape: str, dtype: torch.dtype, directory: Path) -> Path:
     return directory
 
 
+# Five kinds of text (prose, code, science, history, French), about 630 positions in all: enough
+# that a top-1 agreement of 95% is measured to about 1%, not one token in 20.
 QUALITY_TEXTS = [
-    "The lighthouse keeper had lived on the island for thirty years. Every evening he climbed the spiral stairs",
-    "def merge_sort(items):\n    if len(items) <= 1:\n        return items\n    middle = len(items) // 2\n",
-    "Photosynthesis is the process by which green plants use sunlight to turn water and carbon dioxide into",
-    "In 1969, the Apollo 11 mission landed the first humans on the Moon. Neil Armstrong and Buzz Aldrin",
-    "Une fois par semaine, le marché du village attire des producteurs venus de toute la région pour vendre",
+    "The lighthouse keeper had lived on the island for thirty years. Every evening he climbed the spiral stairs"
+    " with a can of oil and a rag, polished the great lens until it shone, and lit the lamp before the sun touched"
+    " the water. Ships rarely passed any more; the charts had changed, and the harbour on the mainland had closed."
+    " Still he kept the light, because nobody had told him to stop, and because on clear nights he could see the"
+    " beam sweep across the rocks where his father's boat had broken apart in the winter storm of his childhood.",
+    "def merge_sort(items):\n    if len(items) <= 1:\n        return items\n    middle = len(items) // 2\n"
+    "    left = merge_sort(items[:middle])\n    right = merge_sort(items[middle:])\n    merged = []\n"
+    "    i = j = 0\n    while i < len(left) and j < len(right):\n        if left[i] <= right[j]:\n"
+    "            merged.append(left[i])\n            i += 1\n        else:\n            merged.append(right[j])\n"
+    "            j += 1\n    merged.extend(left[i:])\n    merged.extend(right[j:])\n    return merged\n\n\n"
+    "if __name__ == \"__main__\":\n    print(merge_sort([5, 2, 9, 1, 5, 6]))\n",
+    "Photosynthesis is the process by which green plants use sunlight to turn water and carbon dioxide into"
+    " glucose and oxygen. It takes place mainly in the leaves, inside small structures called chloroplasts, which"
+    " contain the green pigment chlorophyll. In the light-dependent reactions, energy absorbed by chlorophyll splits"
+    " water molecules and releases oxygen as a by-product. The energy is stored in ATP and NADPH, which then power"
+    " the Calvin cycle, where carbon dioxide from the air is fixed into sugars that the plant uses to grow.",
+    "In 1969, the Apollo 11 mission landed the first humans on the Moon. Neil Armstrong and Buzz Aldrin"
+    " spent about two and a half hours walking on the surface, collecting rock samples and setting up experiments,"
+    " while Michael Collins orbited above in the command module. Millions of people around the world watched the"
+    " grainy television pictures as Armstrong stepped off the ladder. The astronauts returned safely to Earth on"
+    " July 24, splashing down in the Pacific Ocean, where they were recovered by the aircraft carrier Hornet.",
+    "Une fois par semaine, le marché du village attire des producteurs venus de toute la région pour vendre"
+    " leurs fromages, leurs légumes et leur pain. Dès six heures du matin, les camions s'installent sur la place de"
+    " l'église, et les premiers clients arrivent avec leurs paniers avant que le soleil ne chauffe les pavés. On y"
+    " parle de la pluie, des récoltes et des nouvelles du canton, et les enfants reçoivent souvent une pomme ou un"
+    " morceau de fromage à goûter pendant que leurs parents font la queue devant les étals les plus réputés.",
 ]
 
 
@@ -286,9 +319,10 @@ def quality(path, new_tokens: int, reference_path=None) -> dict:
     else:
         reference = gemmalite.load(reference_path, dtype="float32", device="cpu", max_seq_len=1024)
         quantized = gemmalite.load(path, dtype="float32", device="cpu", max_seq_len=1024)
-    kls, top1, greedy_same, greedy_total = [], [], 0, 0
+    kls, top1, greedy_same, greedy_total, positions = [], [], 0, 0, 0
     for text in QUALITY_TEXTS:
         ids = reference.tokenizer.encode(text)
+        positions += len(ids)
         p = torch.log_softmax(reference.logits(torch.tensor([ids])), -1)
         q = torch.log_softmax(quantized.logits(torch.tensor([ids])), -1)
         kls.append((p.exp() * (p - q)).sum(-1).mean().item())
@@ -302,7 +336,47 @@ def quality(path, new_tokens: int, reference_path=None) -> dict:
         "kl_nats": statistics.mean(kls),
         "top1_agreement": statistics.mean(top1),
         "greedy_tokens_equal_before_first_divergence": f"{greedy_same}/{greedy_total}",
+        "positions_compared": positions,
     }
+
+
+def reuse(path, device, dtype, mode: str, runs: int, history: int = 1500, reply: int = 32, turn: int = 30) -> dict:
+    """Time to first token of a conversation's next turn: with prompt reuse against without.
+
+    Each run is a new `history`-token conversation. The reusing engine answers it (`reply`
+    tokens), then gets history + reply + a `turn`-token new turn: only the tokens after what its
+    cache already holds are prefilled. The other engine prefills the whole next-turn prompt. The
+    first run warms up (compiled prefill graphs, caches) and is not counted.
+    """
+    engines = {
+        kept: gemmalite.load(path, device=device, dtype=dtype, compile=mode.endswith("compiled"), max_seq_len=MAX_SEQ_LEN,
+                             reuse_prompts=kept)
+        for kept in (True, False)
+    }
+    ttft = {True: [], False: []}
+    cached = []
+    for run in range(runs + 1):
+        conversation = prompt(history, 1000 + run)
+        answer = engines[True].generate_ids([conversation], max_new_tokens=reply, ignore_eos=True)[0]
+        next_turn = conversation + answer + prompt(turn + 1, 2000 + run)[1:]
+        for kept, engine in engines.items():
+            engine.generate_ids([next_turn], max_new_tokens=1, ignore_eos=True)
+            if run:
+                ttft[kept].append(engine.last_stats.prefill_s)
+                if kept:
+                    cached.append(engine.last_stats.cached_tokens[0])
+    with_reuse, without = statistics.median(ttft[True]), statistics.median(ttft[False])
+    kept_tokens = statistics.median(cached)
+    total = history + reply + turn
+    print(
+        f"gemmalite {mode}: next turn of a {history}-token conversation after a {reply}-token reply, with a {turn}-token "
+        f"turn ({total} tokens); time to first token, median of {runs}:\n"
+        f"  with prompt reuse  {with_reuse * 1000:8.1f} ms  ({kept_tokens:.0f} tokens reused, {total - kept_tokens:.0f} prefilled)\n"
+        f"  without            {without * 1000:8.1f} ms  ({total} prefilled)\n"
+        f"  reuse is {without / with_reuse:.1f}x faster"
+    )
+    return {"ttft_s_with_reuse": with_reuse, "ttft_s_without_reuse": without, "reused_tokens": kept_tokens,
+            "prompt_tokens": total}
 
 
 def main(argv=None):
@@ -319,8 +393,13 @@ def main(argv=None):
     p.add_argument("--hf-static", action="store_true", help="also run transformers with a static cache and torch.compile")
     p.add_argument("--no-hf", action="store_true", help="gemmalite only")
     p.add_argument("--gemmalite-modes", default=None, help="comma list of eager,compiled,int8,int8-compiled (default: the device's default)")
-    p.add_argument("--quality", action="store_true", help="measure int8 against bf16 (KL, agreement) and exit")
+    p.add_argument("--quality", action="store_true",
+                   help="measure int8 against bf16 (KL, agreement) and exit; with --gemmalite-modes, then benchmark speed")
     p.add_argument("--reference", help="with --quality: compare --model (float32) against this checkpoint instead")
+    p.add_argument("--sampling", action="store_true",
+                   help="also decode with sampling (temperature 1, top_k 64, top_p 0.95), next to greedy")
+    p.add_argument("--reuse", action="store_true",
+                   help="time to first token of a long conversation's next turn, with prompt reuse and without, and exit")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--png", help="write a bar chart of decode tok/s here (needs matplotlib)")
     args = p.parse_args(argv)
@@ -344,8 +423,15 @@ def main(argv=None):
             print(f"model: {label}; {what}; {len(QUALITY_TEXTS)} texts, {args.new_tokens} greedy tokens each")
             for k, v in figures.items():
                 print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
-            return
+            if not args.gemmalite_modes:  # with modes, the speed benchmark follows in the same run
+                return
         modes = args.gemmalite_modes.split(",") if args.gemmalite_modes else ["compiled" if device.type == "cuda" else "eager"]
+        if args.reuse:
+            print(f"model: {label}; device: {device}; dtype: {args.dtype}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
+            figures = {mode: reuse(path, device, dtype, mode, args.runs) for mode in modes}
+            if args.json:
+                Path(args.json).write_text(json.dumps({"header": label, "reuse": figures}, indent=2))
+            return
         runners = [GemmaliteRunner(f"gemmalite {m}", path, device, dtype, m) for m in modes]
         if not args.no_hf:
             runners.append(TransformersRunner("transformers eager", path, device, dtype, static=False))

@@ -325,20 +325,37 @@ def first_call(r: Report, engine_name: str, call, what: str = "", **fields) -> f
 
 def decode_figures(r: Report, s: Settings, engine_name: str, call, *, batch: int = 1, fixed_tokens: int | None = None,
                    how: str = "", **fields) -> dict:
-    """Time to first token and decode tok/s, each the median of s.runs runs; `call(n)` returns a Run.
+    """Time to first token and decode tok/s of `call(n)` (which returns a Run), each the median of s.runs runs.
 
-    Without fixed_tokens, a short probe sets the number of new tokens, so that a slow engine
-    spends no more time than a fast one. Returns {"ttft_s": ..., "decode_tok_s": ...}.
+    Returns {"ttft_s": ..., "decode_tok_s": ...}.
+    """
+    ((n, runs),) = timed_runs(s, [call], fixed_tokens)
+    return report_runs(r, s, engine_name, n, runs, batch=batch, how=how, **fields)
+
+
+def timed_runs(s: Settings, calls: list, fixed_tokens: int | None = None) -> list[tuple[int, list[Run]]]:
+    """(new tokens, runs) for each call, the calls taking turns within each run so that all see the same machine.
+
+    Without fixed_tokens, a short probe sets each call's number of new tokens, so that a slow
+    engine spends no more time than a fast one.
     """
     if fixed_tokens is None:
-        probe = call(s.min_tokens)
-        n = s.tokens_for(probe.decode_s / max(probe.steps, 1))
+        probes = [call(s.min_tokens) for call in calls]
+        counts = [s.tokens_for(probe.decode_s / max(probe.steps, 1)) for probe in probes]
     else:
-        n = fixed_tokens
-    runs = [call(n) for _ in range(s.runs)]
+        counts = [fixed_tokens] * len(calls)
+    runs = [[] for _ in calls]
+    for _ in range(s.runs):
+        for call, n, done in zip(calls, counts, runs):
+            done.append(call(n))
+    return list(zip(counts, runs))
+
+
+def report_runs(r: Report, s: Settings, engine_name: str, n: int, runs: list[Run], *, batch: int = 1, how: str = "",
+                **fields) -> dict:
     ttft = statistics.median(run.ttft_s for run in runs)
     tok_s = statistics.median(run.tok_s for run in runs)
-    detail = f"median of {s.runs} run(s), {n} new tokens" + (f" x {batch} rows" if batch > 1 else "") + how
+    detail = f"median of {len(runs)} run(s), {n} new tokens" + (f" x {batch} rows" if batch > 1 else "") + how
     r.figure(engine_name, f"ttft_s@{s.short_prompt}", ttft, "s", detail, batch=batch, **fields)
     r.figure(engine_name, f"decode_tok_s@b{batch}", tok_s, "tok/s", detail, batch=batch, tokens=n, **fields)
     return {"ttft_s": ttft, "decode_tok_s": tok_s}
@@ -514,11 +531,15 @@ def part_decode(r: Report, s: Settings) -> None:
     name = "gemmalite compiled"
 
     graphs = compile_greedy(r, engine, short)
-    greedy = decode_figures(r, s, name, lambda n: gemmalite_run(engine, short, n), sampling="greedy")
     with NewGraphs() as sampled_graph:
         first_call(r, name, lambda: gemmalite_run(engine, short, 8, **SAMPLED), what="top-k/top-p decode graph")
-    sampled = decode_figures(r, s, name, lambda n: gemmalite_run(engine, short, n, **SAMPLED),
-                             how="; sampled: temperature 1, top_k 64, top_p 0.95", sampling="top-k/top-p")
+    # Greedy and sampled take turns, run by run.
+    (n_greedy, greedy_runs), (n_sampled, sampled_runs) = timed_runs(
+        s, [lambda n: gemmalite_run(engine, short, n), lambda n: gemmalite_run(engine, short, n, **SAMPLED)]
+    )
+    greedy = report_runs(r, s, name, n_greedy, greedy_runs, how="; greedy", sampling="greedy")
+    sampled = report_runs(r, s, name, n_sampled, sampled_runs, how="; sampled: temperature 1, top_k 64, top_p 0.95",
+                          sampling="top-k/top-p")
     r.figure(name, "sampled / greedy decode_tok_s", sampled["decode_tok_s"] / greedy["decode_tok_s"], "x")
 
     kernel_figures(r, s, engine, eager, graphs.modules, sampled_graph.modules)
@@ -531,7 +552,7 @@ def part_decode(r: Report, s: Settings) -> None:
     r.figure(name, "prefill graphs", engine.runner.graph_count("prefill"), "count", "one per padded chunk length")
 
     gemmalite_run(eager, short, 2)
-    decode_figures(r, s, "gemmalite eager", lambda n: gemmalite_run(eager, short, n), sampling="greedy")
+    decode_figures(r, s, "gemmalite eager", lambda n: gemmalite_run(eager, short, n), how="; greedy", sampling="greedy")
 
 
 def compile_greedy(r: Report, engine: Engine, short) -> NewGraphs:
