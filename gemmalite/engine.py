@@ -164,6 +164,24 @@ class Engine:
         _refuse(options, "logprobs", "stream() yields text only; use complete_stream() for logprobs")
         return _texts(self.complete_stream(prompt, chat=chat, system=system, **options))
 
+    def warm_up(self, batch_size: int = 1, **options) -> None:
+        """Compile now the decode graph that calls of `batch_size` prompts with these options use.
+
+        Then a call's first tokens do not wait for the compiler mid-reply (see Runner.on_compile
+        to hear about it). Prefill graphs depend on the prompt's length, so a call still compiles
+        its own chunk length's the first time, before its first token. Does nothing when eager.
+        """
+        if not self.compiled:
+            return
+        opts = GenerationOptions.from_kwargs({**options, "max_new_tokens": 2, "ignore_eos": True, "stop": ()})
+        # A cache of its own, outside the pool: nothing of the warm-up is kept for prompt reuse.
+        steps = self.token_steps([[self.config.bos_token_id]] * batch_size, opts, cache=self.runner.new_cache(batch_size))
+        try:
+            for _ in steps:
+                pass
+        finally:
+            steps.close()
+
     def session(self, system: str | None = None, chat: bool = True) -> Session:
         """A multi-turn conversation that keeps its own cache; see session.py."""
         return Session(self, system=system, chat=chat)

@@ -13,6 +13,7 @@ import torch
 from .engine import DEFAULT_REWIND_MARGIN, Engine
 from .errors import InvalidArgumentError, ModelLoadError
 from .model import Gemma3, checkpoint_shapes, pack_weights
+from .packing import can_pack, pack_for_cpu
 from .sampling import SamplingSettings
 from .tokenizer import Tokenizer
 from .weights import Checkpoint, load_state_dict, read_checkpoint, resolve
@@ -105,6 +106,8 @@ def load(
         from .quantize import quantize_int8
 
         quantize_int8(model)
+    elif can_pack(device, dtype):
+        pack_for_cpu(model)  # oneDNN's layout: about twice the speed of plain bf16 matmuls here
     tokenizer = None
     if checkpoint.tokenizer_file:
         tokenizer = Tokenizer(checkpoint.tokenizer_file, bos_id=checkpoint.config.bos_token_id)

@@ -90,15 +90,23 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def _attend(self, q, k, v, mask):
-        if self.softcap is None:
+        B, H, T, D = q.shape
+        # A CPU decode step (one query) takes the matmul path: SDPA's CPU kernel handles one query
+        # per head at a time, about 4x slower than one matmul over the group's heads.
+        if self.softcap is None and not (q.device.type == "cpu" and T == 1):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        # Soft-capped scores cannot go through SDPA; Gemma 3 checkpoints never set it.
-        groups = self.num_heads // self.num_kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        scores = (q @ k.transpose(-1, -2)) * self.scale
-        scores = torch.tanh(scores / self.softcap) * self.softcap
-        scores = scores.masked_fill(~mask, float("-inf"))
-        return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+        # The query heads that share a key/value head become rows of one matmul against it. bmm on
+        # 3-D views: a 4-D matmul would copy the transposed keys first.
+        groups, kv = H // self.num_kv_heads, self.num_kv_heads
+        rows = q.reshape(B * kv, groups * T, D)  # rows in (head in group, query) order
+        keys, values = k.reshape(B * kv, -1, D), v.reshape(B * kv, -1, D)
+        scores = torch.bmm(rows, keys.transpose(1, 2)).float().view(B, kv, groups * T, -1) * self.scale
+        if self.softcap is not None:  # soft-capped scores cannot go through SDPA; Gemma 3 never sets it
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.masked_fill(~mask.repeat(1, 1, groups, 1), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(B * kv, groups * T, -1)
+        out = torch.bmm(probs, values)  # [B * kv_heads, groups * T, D]
+        return out.view(B, H, T, D)
 
 
 class TiedEmbedding(nn.Embedding):

@@ -30,15 +30,14 @@ Activations stay in the engine's dtype between layers; only the int8 matmuls run
 
 from __future__ import annotations
 
-import itertools
 import warnings
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidArgumentError
+from .packing import held, hold
 
 DIGIT = 63  # an activation digit is an integer in [-63, 63]: 7 bits
 RESCORED = 64  # how many of the head's top logits are recomputed from the float rows
@@ -57,16 +56,13 @@ def _int8_rows(weight: torch.Tensor) -> torch.Tensor:
 
 
 # fbgemm's packed weights are opaque objects that torch.compile cannot take as inputs, so the
-# matmul is a custom op that finds them by key: compiled graphs call it like any other kernel.
-_PACKED: dict[int, object] = {}
-_keys = itertools.count()
-
-
+# matmul is a custom op that finds them by key (see packing.hold): compiled graphs call it like
+# any other kernel.
 @torch.library.custom_op("gemmalite::int8_linear", mutates_args=())
 def int8_linear(digits: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
     """digits [N, in] (float32 holding integers in [-63, 63]) @ int8 weight [out, in]^T, by fbgemm."""
     # With scale 1 and zero point 64, fbgemm's input quantization maps each digit to itself.
-    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(digits, 1.0, DIGIT + 1, _PACKED[key])
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(digits, 1.0, DIGIT + 1, held(key))
 
 
 @int8_linear.register_fake
@@ -79,9 +75,8 @@ class Int8Linear(nn.Module):
         """`rows`: a qint8 weight [out, in] with per-row scales (see _int8_rows)."""
         super().__init__()
         self.out_features, self.in_features = rows.shape
-        self.key = next(_keys)
-        _PACKED[self.key] = torch.ops.quantized.linear_prepack(rows, None)
-        weakref.finalize(self, _PACKED.pop, self.key, None)
+        self.packed_bytes = rows.numel()  # one byte per weight (scales not counted)
+        self.key = hold(self, torch.ops.quantized.linear_prepack(rows, None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()  # [N, in]

@@ -10,13 +10,19 @@ a few fixed lengths, so prompts of any length share a handful of graphs.
 
 The runner also lends caches: each call takes one of its own from a small pool (`checkout`),
 and model calls take turns under `lock`, so threads never share a cache. loop.py drives it.
+
+Compiling a graph takes seconds to minutes (about 80 s for the 270M step on a 2-core CPU, the
+first time; inductor's on-disk cache makes later processes faster), so a runner tells
+`on_compile` when a call is about to compile one, and again when it is done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -109,6 +115,9 @@ class Runner:
         self.lock = threading.Lock()
         self._pool_lock = threading.Lock()
         self._idle: list[KVCache] = []  # caches no call is using, newest last
+        # Told `on_compile(what, None)` before a call compiles a new graph, then `(what, seconds)`.
+        self.on_compile: Callable[[str, float | None], None] | None = None
+        self._shapes_run: set[tuple] = set()  # (mode key, shape) of every compiled call so far
 
     def _compiled(self, key: tuple, fn):
         """`fn`, compiled on first use under `key` when the runner compiles (each key its own code object)."""
@@ -123,6 +132,20 @@ class Runner:
                 compiled = torch.compile(own, mode=mode, options=options, fullgraph=True, dynamic=False)
             self._graphs[key] = own, compiled
         return self._graphs[key][1]
+
+    @contextlib.contextmanager
+    def _compiling(self, key: tuple, shape: tuple, what: str):
+        """Around a call of the compiled `key` function: tells on_compile if this shape is new."""
+        new = self.compiled and (key, shape) not in self._shapes_run
+        notify = self.on_compile if new else None
+        if notify:
+            notify(what, None)
+        started = time.perf_counter()
+        yield
+        if new:
+            self._shapes_run.add((key, shape))
+        if notify:
+            notify(what, time.perf_counter() - started)
 
     @property
     def config(self) -> GemmaConfig:
@@ -204,7 +227,8 @@ class Runner:
             n_new = (remaining - start).clamp(0, width)
             # A fresh tensor: a view's strides would make a new graph per prompt length.
             chunk = torch.empty((len(chunks), size), dtype=torch.long, device=self.device).copy_(ids[:, start : start + size])
-            logits = chunk_fn(self.model, cache, chunk, n_new)
+            with self._compiling(("prefill",), chunk.shape, f"prefill (batch {len(chunks)}, {size}-token chunks)"):
+                logits = chunk_fn(self.model, cache, chunk, n_new)
             ends_here = (n_new > 0) & (remaining <= start + width)
             last = torch.where(ends_here[:, None], logits.float(), last)
         return last
@@ -217,8 +241,11 @@ class Runner:
         """
         if self.device.type == "cuda" and self.compiled:
             torch.compiler.cudagraph_mark_step_begin()
-        step = self._compiled(("decode", kind, with_logprobs), decode_step)
-        tokens, active, chosen = step(self.model, cache, tokens, active, sampler, penalties, eos_ids, kind, with_logprobs)
+        key = ("decode", kind, with_logprobs)
+        step = self._compiled(key, decode_step)
+        what = f"the decode step ({kind}{', logprobs' if with_logprobs else ''}, batch {tokens.shape[0]})"
+        with self._compiling(key, tuple(tokens.shape), what):
+            tokens, active, chosen = step(self.model, cache, tokens, active, sampler, penalties, eos_ids, kind, with_logprobs)
         # Graph outputs are overwritten by the next replay: keep copies.
         return tokens.clone(), active.clone(), None if chosen is None else tuple(t.clone() for t in chosen)
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gemmalite  # noqa: E402
 from gemmalite.config import PRESETS  # noqa: E402
+from gemmalite.packing import weight_bytes  # noqa: E402
 
 
 # ---------------------------------------------------------------------- machine facts
@@ -100,15 +101,6 @@ class GemmaliteRunner:
 
     def kv_bytes(self) -> int:
         return self.engine.runner.kv_bytes
-
-
-def weight_bytes(model) -> int:
-    """Bytes of weights read per decoded token (int8 packs counted at one byte per weight)."""
-    from gemmalite.quantize import Int8Linear
-
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int8Linear))
-    return total
 
 
 class TransformersRunner:

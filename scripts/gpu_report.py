@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gemmalite
 from gemmalite.config import PRESETS, GemmaConfig
 from gemmalite.engine import Engine
+from gemmalite.packing import weight_bytes
 
 SAMPLED = {"temperature": 1.0, "top_k": 64, "top_p": 0.95, "seed": 0}  # Gemma IT defaults
 
@@ -598,8 +599,8 @@ def part_memory(r: Report, s: Settings) -> None:
     reset_peak(s.device)
     engine = load(s, "270m", compile=True)
     name = "gemmalite compiled"
-    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    r.figure(name, "weight_bytes", weights, "bytes", "parameters (the head is tied to the embedding)")
+    weights = weight_bytes(engine.model)
+    r.figure(name, "weight_bytes", weights, "bytes", "parameters and packed weights (the head is tied to the embedding)")
     n = s.min_tokens
     gemmalite_run(engine, [random_prompt(config, s.long_prompt, seed=7)], n)
     kv, peak = engine.runner.kv_bytes, peak_bytes(s.device)

@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("this checkpoint has no tokenizer.model, so it cannot chat: turns are text")
     options, sampling = with_sampling_defaults(options, engine.defaults)
     info(args, sampling)
+    engine.warm_up(**asdict(options))  # compile before any text is printed, not mid-reply
     session = engine.session(system=args.system, chat=True)
     interactive = sys.stdin is not None and sys.stdin.isatty()
     if interactive:

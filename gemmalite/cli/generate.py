@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
             f"the prompt has {n_prompt} tokens, but --max-seq-len is {engine.max_seq_len}; "
             "shorten it or raise --max-seq-len"
         )
+    engine.warm_up(**asdict(options))  # compile before any text is printed, not mid-reply
     if args.json:
         write_json(engine, prompt, args, options)
     elif options.logprobs is not None:

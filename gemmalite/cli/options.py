@@ -129,4 +129,15 @@ def load_engine(args: argparse.Namespace):
     dtype = str(engine.dtype).removeprefix("torch.")
     compiled = (", compiled" if engine.compiled else "") + (", int8" if args.quantize else "")
     info(args, f"loaded {source} in {time.perf_counter() - started:.2f} s ({engine.device}, {dtype}{compiled})")
+    engine.runner.on_compile = lambda what, seconds: info(args, compile_notice(what, seconds))
     return engine
+
+
+def compile_notice(what: str, seconds: float | None) -> str:
+    """The line shown before (seconds None) and after the compiler builds a graph."""
+    if seconds is None:
+        return (
+            f"compiling {what}; the first time on a machine takes up to a minute or two, "
+            "later runs reuse torch's on-disk cache and take seconds"
+        )
+    return f"compiled {what} in {seconds:.1f} s"

@@ -92,8 +92,7 @@ def serve(args, uvicorn, sock: socket.socket, defaults) -> int:
     origin = FROM_CHECKPOINT if not engine.defaults.greedy else "greedy: the checkpoint sets no sampling"
     info(args, "request defaults: " + describe(defaults.sampling(engine.defaults), given, origin))
     scheduler = Scheduler(engine, parallel=args.parallel, max_queue=args.queue)
-    if engine.compiled:
-        info(args, f"compiling the decode step for {args.parallel} slots")
+    if engine.compiled:  # load_engine's notices say what compiles and how long it took
         scheduler.warm_up([engine.defaults, defaults.sampling(engine.defaults)])
     app = create_app(engine, scheduler, model=args.model or "google/gemma-3-270m", defaults=defaults)
     config = uvicorn.Config(
