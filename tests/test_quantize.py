@@ -68,15 +68,19 @@ TEXT = (
 
 
 def test_int8_on_real_weights_is_close_to_bf16(real_270m_dir):
-    """Against bf16 on the real 270M. The fbgemm-quantized activations of the first int8 scheme
-    gave KL 0.21 and 76% top-1 on this text (AVX2), 0.054 and 81.5% on the benchmark's texts (VNNI)."""
+    """Against bf16 on the real 270M, at the targets: KL <= 0.01 nats per token, top-1 >= 95%.
+
+    The first int8 scheme (fbgemm's own 8-bit activations, one scale per tensor) gave KL 0.21 and
+    76% top-1 on this text (AVX2), 0.054 and 81.5% on the benchmark's texts (VNNI). This one gave
+    KL 0.0040 and 109 of 113 (96.5%) here; bf16 itself against float32 gave 0.0009 and 99.1%.
+    """
     bf16 = gemmalite.load(real_270m_dir, dtype="bfloat16", max_seq_len=512)
     int8 = gemmalite.load(real_270m_dir, quantize="int8", max_seq_len=512)
     ids = torch.tensor([bf16.tokenizer.encode(TEXT)])
     p, q = torch.log_softmax(bf16.logits(ids), -1), torch.log_softmax(int8.logits(ids), -1)
     kl = (p.exp() * (p - q)).sum(-1).mean().item()
     agree = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
-    assert kl < 0.012 and agree > 0.93, (kl, agree)
+    assert kl <= 0.01 and agree >= 0.95, (kl, agree)
 
 
 @pytest.mark.parametrize("kwargs, message", [(dict(quantize="int4"), "unknown quantize"), (dict(quantize=True), "unknown quantize")])

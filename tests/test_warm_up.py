@@ -7,7 +7,7 @@ import pytest
 import gemmalite
 from gemmalite import cli
 
-from .conftest import MARGIN
+from conftest import MARGIN
 
 DECODE = "the decode step (greedy, batch 1)"
 
