@@ -662,6 +662,7 @@ FUSED_CALL = re.compile(r"^\s*(?:cpp_fused_\w+|triton_\w+\.run|\w+_fused_\w+\.ru
 EXTERN_CALL = re.compile(r"\bextern_kernels\.(\w+)\(")
 FALLBACK_CALL = re.compile(r"^\s*(?:[\w, ]+=\s*)?(?:torch\.ops\.|aten\.)(?:aten\.)?(\w+)\.\w+\(")
 AOTI_CALL = re.compile(r"\baoti_torch_(?:cpu|cuda)_(\w+)\(")
+CUSTOM_OP_CALL = re.compile(r"\baoti_torch_call_dispatcher\(\"\w+::(\w+)\"")  # custom ops, with cpp_wrapper
 COPY_CALL = re.compile(r"^\s*\w+\.copy_\(|\baoti_torch_copy_\(")
 
 
@@ -693,7 +694,7 @@ def count_kernel_calls(body: str) -> Counter:
         elif COPY_CALL.search(line):
             counts["copy"] += 1
         else:
-            found = EXTERN_CALL.search(line) or AOTI_CALL.search(line) or FALLBACK_CALL.match(line)
+            found = EXTERN_CALL.search(line) or AOTI_CALL.search(line) or CUSTOM_OP_CALL.search(line) or FALLBACK_CALL.match(line)
             if found and found.group(1) not in ("empty_strided", "empty", "view", "reinterpret_tensor", "as_strided"):
                 counts[found.group(1).removesuffix("_out")] += 1
     return counts

@@ -73,8 +73,10 @@ def test_kernel_calls_are_counted_in_python_and_cpp_wrappers():
     cpp_fused_add_embedding_0((const int64_t*)(arg0_1.data_ptr()), (float*)(buf0.data_ptr()));
     AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_mm_out(buf2, wrap_with_raii_handle_if_needed(buf1), arg9_1));
     AOTI_TORCH_ERROR_CODE_CHECK(aoti_torch_cpu__scaled_dot_product_flash_attention_for_cpu(buf13, arg12_1, arg14_1));
+            aoti_torch_call_dispatcher("gemmalite::packed_linear", "", dispatch_vars.data())
+    assert_size_stride(buf3, {1L, 128L, 1536L}, {196608L, 1536L, 1L}, "torch.ops.gemmalite.packed_linear.default");
     """
-    assert count(cpp_wrapper) == {"fused": 1, "mm": 1, "_scaled_dot_product_flash_attention_for_cpu": 1}
+    assert count(cpp_wrapper) == {"fused": 1, "mm": 1, "_scaled_dot_product_flash_attention_for_cpu": 1, "packed_linear": 1}
 
 
 def test_slow_engines_get_fewer_tokens_within_bounds():
