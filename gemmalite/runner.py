@@ -11,9 +11,9 @@ a few fixed lengths, so prompts of any length share a handful of graphs.
 The runner also lends caches: each call takes one of its own from a small pool (`checkout`),
 and model calls take turns under `lock`, so threads never share a cache. loop.py drives it.
 
-Compiling a graph takes seconds to minutes (about 80 s for the 270M step on a 2-core CPU, the
-first time; inductor's on-disk cache makes later processes faster), so a runner tells
-`on_compile` when a call is about to compile one, and again when it is done.
+Compiling a graph takes seconds to minutes (on a 2-core CPU, about 50 s for the 270M decode
+step the first time, about 3 s in a later process that finds it in inductor's on-disk cache), so
+a runner tells `on_compile` when a call is about to compile one, and again when it is done.
 """
 
 from __future__ import annotations
