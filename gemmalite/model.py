@@ -100,10 +100,10 @@ class Attention(nn.Module):
         groups, kv = H // self.num_kv_heads, self.num_kv_heads
         rows = q.reshape(B * kv, groups * T, D)  # rows in (head in group, query) order
         keys, values = k.reshape(B * kv, -1, D), v.reshape(B * kv, -1, D)
-        scores = torch.bmm(rows, keys.transpose(1, 2)).float().view(B, kv, groups * T, -1) * self.scale
+        scores = torch.bmm(rows, keys.transpose(1, 2)).float().view(B, kv, groups, T, -1) * self.scale
         if self.softcap is not None:  # soft-capped scores cannot go through SDPA; Gemma 3 never sets it
             scores = torch.tanh(scores / self.softcap) * self.softcap
-        scores = scores.masked_fill(~mask.repeat(1, 1, groups, 1), float("-inf"))
+        scores = torch.where(mask[:, :, None], scores, float("-inf"))  # mask [B, 1, T, K] for every head
         probs = torch.softmax(scores, dim=-1).to(q.dtype).view(B * kv, groups * T, -1)
         out = torch.bmm(probs, values)  # [B * kv_heads, groups * T, D]
         return out.view(B, H, T, D)

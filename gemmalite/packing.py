@@ -86,13 +86,14 @@ class PackedLinear(nn.Module):
         return packed_linear(x, self.key, self.out_features)
 
 
-class PackedTiedEmbedding(nn.Module):
-    """The tied embedding / output head: plain rows for lookups, packed rows for the logits."""
+class TiedEmbeddingWithHead(nn.Module):
+    """The tied embedding with its output head in another form: plain rows for lookups, `head` for logits."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, head: nn.Module):
         super().__init__()
+        # A buffer, not a parameter: decoding reads one row of it per token, not all of it.
         self.register_buffer("weight", weight.detach(), persistent=False)
-        self.head = PackedLinear(weight)
+        self.head = head
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
@@ -101,11 +102,21 @@ class PackedTiedEmbedding(nn.Module):
         return self.head(x)
 
 
-def pack_for_cpu(model: nn.Module) -> nn.Module:
-    """Swap every linear layer and the tied head for packed versions, in place (bf16 on CPU)."""
+class PackedTiedEmbedding(TiedEmbeddingWithHead):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__(weight, PackedLinear(weight))
+
+
+def replace_linears(model: nn.Module, make) -> None:
+    """Swap every bias-free nn.Linear of `model` for `make(weight)`, in place."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child.bias is None:
-                setattr(module, name, PackedLinear(child.weight))
+                setattr(module, name, make(child.weight))
+
+
+def pack_for_cpu(model: nn.Module) -> nn.Module:
+    """Swap every linear layer and the tied head for packed versions, in place (bf16 on CPU)."""
+    replace_linears(model, PackedLinear)
     model.embed_tokens = PackedTiedEmbedding(model.embed_tokens.weight)
     return model

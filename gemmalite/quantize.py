@@ -33,11 +33,10 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidArgumentError
-from .packing import held, hold
+from .packing import TiedEmbeddingWithHead, held, hold, replace_linears
 
 DIGIT = 63  # an activation digit is an integer in [-63, 63]: 7 bits
 RESCORED = 64  # how many of the head's top logits are recomputed from the float rows
@@ -90,17 +89,11 @@ class Int8Linear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-class Int8TiedEmbedding(nn.Module):
+class Int8TiedEmbedding(TiedEmbeddingWithHead):
     """The tied embedding / output head: int8 rows for the logits, the float rows for the rest."""
 
     def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        # A buffer, not a parameter: decoding reads one row of it per token, not all of it.
-        self.register_buffer("weight", weight.detach(), persistent=False)
-        self.head = Int8Linear(_int8_rows(weight))
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        super().__init__(weight, Int8Linear(_int8_rows(weight)))
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.head(x)  # [B, T, vocab]
@@ -118,9 +111,6 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise InvalidArgumentError("quantize='int8' runs on CPU only (fbgemm); on CUDA use bfloat16")
     torch.backends.quantized.engine = "fbgemm"
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(_int8_rows(child.weight)))
+    replace_linears(model, lambda weight: Int8Linear(_int8_rows(weight)))
     model.embed_tokens = Int8TiedEmbedding(model.embed_tokens.weight)
     return model

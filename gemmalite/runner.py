@@ -18,7 +18,6 @@ a runner tells `on_compile` when a call is about to compile one, and again when 
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 import types
@@ -74,6 +73,14 @@ def choose(logits, sampler: SamplerState | None, penalties: Penalties, positions
     """The next token of each row [B]: penalties first, then greedy or sampling."""
     scores = apply_penalties(logits, penalties)
     return greedy(scores) if sampler is None else sample(scores, sampler, positions, kind)
+
+
+def describe_graph(key: tuple, shape: tuple) -> str:
+    """What a compiled graph is, for people: "the decode step (topk, batch 4)", "prefill (batch 1, 16-token chunks)"."""
+    if key[0] == "prefill":
+        return f"prefill (batch {shape[0]}, {shape[1]}-token chunks)"
+    _, kind, with_logprobs = key
+    return f"the decode step ({kind}{', logprobs' if with_logprobs else ''}, batch {shape[0]})"
 
 
 def fresh_function(fn):
@@ -133,19 +140,20 @@ class Runner:
             self._graphs[key] = own, compiled
         return self._graphs[key][1]
 
-    @contextlib.contextmanager
-    def _compiling(self, key: tuple, shape: tuple, what: str):
-        """Around a call of the compiled `key` function: tells on_compile if this shape is new."""
-        new = self.compiled and (key, shape) not in self._shapes_run
-        notify = self.on_compile if new else None
-        if notify:
-            notify(what, None)
+    def _call(self, key: tuple, shape: torch.Size, fn, *args):
+        """Call the compiled `key` function on inputs of `shape` (what its graphs are specialized on);
+        the first call of a new shape compiles, and on_compile hears of it."""
+        if not self.compiled or (key, shape) in self._shapes_run:
+            return fn(*args)
+        what = describe_graph(key, shape)
+        if self.on_compile:
+            self.on_compile(what, None)
         started = time.perf_counter()
-        yield
-        if new:
-            self._shapes_run.add((key, shape))
-        if notify:
-            notify(what, time.perf_counter() - started)
+        out = fn(*args)
+        self._shapes_run.add((key, shape))
+        if self.on_compile:
+            self.on_compile(what, time.perf_counter() - started)
+        return out
 
     @property
     def config(self) -> GemmaConfig:
@@ -227,8 +235,7 @@ class Runner:
             n_new = (remaining - start).clamp(0, width)
             # A fresh tensor: a view's strides would make a new graph per prompt length.
             chunk = torch.empty((len(chunks), size), dtype=torch.long, device=self.device).copy_(ids[:, start : start + size])
-            with self._compiling(("prefill",), chunk.shape, f"prefill (batch {len(chunks)}, {size}-token chunks)"):
-                logits = chunk_fn(self.model, cache, chunk, n_new)
+            logits = self._call(("prefill",), chunk.shape, chunk_fn, self.model, cache, chunk, n_new)
             ends_here = (n_new > 0) & (remaining <= start + width)
             last = torch.where(ends_here[:, None], logits.float(), last)
         return last
@@ -243,9 +250,8 @@ class Runner:
             torch.compiler.cudagraph_mark_step_begin()
         key = ("decode", kind, with_logprobs)
         step = self._compiled(key, decode_step)
-        what = f"the decode step ({kind}{', logprobs' if with_logprobs else ''}, batch {tokens.shape[0]})"
-        with self._compiling(key, tuple(tokens.shape), what):
-            tokens, active, chosen = step(self.model, cache, tokens, active, sampler, penalties, eos_ids, kind, with_logprobs)
+        args = (self.model, cache, tokens, active, sampler, penalties, eos_ids, kind, with_logprobs)
+        tokens, active, chosen = self._call(key, tokens.shape, step, *args)
         # Graph outputs are overwritten by the next replay: keep copies.
         return tokens.clone(), active.clone(), None if chosen is None else tuple(t.clone() for t in chosen)
 
