@@ -41,14 +41,12 @@ import sys
 import threading
 import traceback
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 
-from .cache import KVCache
-from .completion import CompletionChunk, RowResult
-from .errors import ContextLengthError, GemmaliteError, InvalidArgumentError
+from .completion import RowResult
+from .errors import ContextLengthError, GemmaliteError, InvalidArgumentError, QueueFullError
 from .options import MAX_LOGPROBS, GenerationOptions
 from .runner import PREFILL_CHUNK, choose
 from .sampling import (
@@ -59,73 +57,14 @@ from .sampling import (
     count_tokens,
     logprobs,
     penalties,
+    row_view,
     sampler_state,
     sampling_kind,
     seed_key,
 )
+from .slots import Request, Slot
 
 PREFILL_BUDGET = PREFILL_CHUNK  # prompt tokens prefilled between two decode steps while others decode
-
-
-class QueueFullError(GemmaliteError):
-    """Every slot is busy and the waiting line is full: the caller should try again later."""
-
-
-@dataclass(eq=False)
-class Request:
-    """One generation: checked prompt ids and options, and where its chunks go.
-
-    `deliver` is called from the scheduler's thread with each CompletionChunk, or once with an
-    exception; it must not block. Set `cancelled` through Scheduler.cancel.
-    """
-
-    prompt: list[int]
-    options: GenerationOptions
-    deliver: Callable[[CompletionChunk | BaseException], None]
-    chat: bool = False  # stop at <end_of_turn> as well as eos
-    reuse: bool = True  # may start from a slot's cached prefix
-    cancelled: bool = False
-
-
-class Slot:
-    """One row of the cache and the request it serves (None when free); the cache knows the row's tokens."""
-
-    def __init__(self, row: int):
-        self.row = row
-        self.last_used = 0  # when its last request ended: free slots are taken least recently used first
-        self.release()
-
-    def release(self) -> None:
-        self.request: Request | None = None
-        self.pending: list[int] = []  # prompt tokens still to prefill
-        self.decoding = False
-        self.admitted = 0
-
-    def start(self, request: Request, settings, budget: int, stop_ids, result: RowResult, kept: int, admitted: int):
-        self.request, self.settings, self.budget, self.stop_ids, self.result = request, settings, budget, stop_ids, result
-        self.top = request.options.logprobs  # None: no logprobs; N: the top N alternatives
-        self.pending = request.prompt[kept:]
-        self.produced = 0
-        self.last = 0  # the newest token: fed at the next step
-        self.admitted = admitted
-
-
-def copy_row(src: KVCache, src_row: int, dst: KVCache, dst_row: int) -> None:
-    """Make `dst_row` of `dst` hold exactly what `src_row` of `src` holds (caches of one runner)."""
-    length = int(src.lengths[src_row])
-    for sliding, k_src, k_dst, v_src, v_dst in zip(src.sliding, src.keys, dst.keys, src.values, dst.values):
-        # A global buffer holds position p in slot p: slots past the length are never read.
-        upto = None if sliding else length
-        k_dst[dst_row, :, :upto].copy_(k_src[src_row, :, :upto])
-        v_dst[dst_row, :, :upto].copy_(v_src[src_row, :, :upto])
-    dst.lengths[dst_row] = length
-    dst.reached[dst_row] = src.reached[src_row]
-    dst.tokens[dst_row] = None if src.tokens[src_row] is None else list(src.tokens[src_row])
-
-
-def _row(state, row: int):
-    """One row of a SamplerState or Penalties, as views: in-place updates reach the whole batch's tensors."""
-    return type(state)(*(t[row : row + 1] for t in state))
 
 
 class Scheduler:
@@ -245,7 +184,7 @@ class Scheduler:
         for slot in self.slots:
             if slot.request is not None and slot.request.cancelled:
                 if slot is self._filling:  # keep what was prefilled: a retry may reuse it
-                    copy_row(self.staging, 0, self.cache, slot.row)
+                    self.cache.copy_row(slot.row, self.staging, 0)
                     self._filling = None
                 self._release(slot)
 
@@ -336,7 +275,7 @@ class Scheduler:
         try:
             if self._filling is None:
                 if int(self.cache.lengths[slot.row]):
-                    copy_row(self.cache, slot.row, self.staging, 0)
+                    self.staging.copy_row(0, self.cache, slot.row)
                 else:
                     self.staging.reset()
                 self._filling = slot
@@ -345,7 +284,7 @@ class Scheduler:
             slot.pending = slot.pending[len(chunk) :]
             if slot.pending:
                 return
-            copy_row(self.staging, 0, self.cache, slot.row)
+            self.cache.copy_row(slot.row, self.staging, 0)
             self._filling = None
             token, chosen = self._first_token(slot, logits)
         except Exception as error:
@@ -360,8 +299,8 @@ class Scheduler:
         """Pick the first new token from the prompt's last logits [1, vocab], as a call of its own would."""
         row = slot.row
         kind = sampling_kind([slot.settings])
-        sampler = None if kind == GREEDY else _row(self.sampler, row)
-        penalty: Penalties = _row(self.penalties, row)
+        sampler = None if kind == GREEDY else row_view(self.sampler, row)
+        penalty: Penalties = row_view(self.penalties, row)
         token = choose(logits, sampler, penalty, self.cache.lengths[row : row + 1], kind)
         count_tokens(penalty, token, torch.ones_like(token, dtype=torch.bool))
         chosen = logprobs(logits, token, MAX_LOGPROBS) if slot.top is not None else None

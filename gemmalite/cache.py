@@ -113,6 +113,18 @@ class KVCache:
         other._mark_static()
         return other
 
+    def copy_row(self, row: int, src: "KVCache", src_row: int) -> None:
+        """Make `row` hold exactly what `src_row` of `src` holds (a cache of the same runner)."""
+        length = int(src.lengths[src_row])
+        for sliding, k_src, k_dst, v_src, v_dst in zip(src.sliding, src.keys, self.keys, src.values, self.values):
+            # A global buffer holds position p in slot p: slots past the length are never read.
+            upto = None if sliding else length
+            k_dst[row, :, :upto].copy_(k_src[src_row, :, :upto])
+            v_dst[row, :, :upto].copy_(v_src[src_row, :, :upto])
+        self.lengths[row] = length
+        self.reached[row] = src.reached[src_row]
+        self.tokens[row] = None if src.tokens[src_row] is None else list(src.tokens[src_row])
+
     def shared_prefix(self, row: int, tokens: list[int]) -> int:
         """How many leading `tokens` this row already holds (0 when what it holds is unknown)."""
         held = self.tokens[row]

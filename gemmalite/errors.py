@@ -24,6 +24,10 @@ class MissingExtraError(GemmaliteError, ImportError):
     """An optional dependency is needed; the message names the pip extra that installs it."""
 
 
+class QueueFullError(GemmaliteError):
+    """Every slot of the server is busy and its waiting line is full: the caller should try again later."""
+
+
 def one_line(error: BaseException, limit: int | None = None, *, with_type: bool = False) -> str:
     """`error`'s message as one line (its type's name when it has none), cut to `limit` characters.
 

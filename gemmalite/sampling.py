@@ -175,6 +175,11 @@ def penalties(
     )
 
 
+def row_view(state: SamplerState | Penalties, row: int):
+    """One row of a SamplerState or Penalties, as views: in-place updates reach the whole batch's tensors."""
+    return type(state)(*(t[row : row + 1] for t in state))
+
+
 def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
     """transformers' repetition penalty over prompt and reply, then OpenAI's presence and frequency.
 

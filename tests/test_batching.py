@@ -10,7 +10,9 @@ import queue
 
 import pytest
 
-from gemmalite.batching import QueueFullError, Request, Scheduler
+from gemmalite.batching import Scheduler
+from gemmalite.errors import QueueFullError
+from gemmalite.slots import Request
 from gemmalite.options import GenerationOptions
 
 PROMPTS = [[2, 5, 6, 7], [2, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51], [2, 9], [2, 77, 78, 79, 80, 81, 82]]

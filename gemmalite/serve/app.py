@@ -23,9 +23,10 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..batching import QueueFullError, Request, Scheduler
-from ..errors import GemmaliteError, InvalidArgumentError
+from ..batching import Scheduler
+from ..errors import GemmaliteError, InvalidArgumentError, QueueFullError
 from ..options import GenerationOptions
+from ..slots import Request
 from . import protocol
 from .protocol import Answer, APIError, Job
 
