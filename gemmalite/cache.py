@@ -1,24 +1,30 @@
 """A static hybrid KV cache: fixed-shape buffers, written in place.
 
 Global layers keep a buffer [B, kv_heads, max_seq_len, head_dim]: position p lives in slot p.
-Sliding layers keep a ring of N = W + R slots (W the sliding window, R the rewind margin):
-position p lives in slot p % N, so their memory does not grow with the context.
+Sliding layers keep a ring of N slots, W (the sliding window) plus the larger of R (the rewind
+margin) and the longest prefill chunk: position p lives in slot p % N, so their memory does not
+grow with the context.
 
 The only per-row state is `lengths` [B], a tensor: how many tokens each row holds. Everything
 the mask needs (which slot holds which position) follows from it, see mask.py.
 
-The write rule, for a chunk of T tokens of which row b holds n[b] real ones:
-
-- global layers write first, then attend over the whole buffer;
-- sliding layers, for a chunk of one token (a decode step), write first too: the slot it takes
-  held position p - N, which the query at p cannot see;
-- sliding layers, for longer chunks, attend over [ring before the write ; chunk], then write.
-  Writing first would overwrite keys that the chunk's early queries still need. Chunks are at
-  most W long, so the real tokens of a chunk land in distinct slots.
+The write rule, for a chunk of T tokens of which row b holds n[b] real ones: every layer writes
+the chunk first, then attends over its buffer. So a key sits in the same slot, and a query sees
+its keys in the same order, whether the token came in a decode step, a prefill chunk of any
+length or a padded row of a batch: the attention of a token never depends on how it was fed
+(see model.attend). On a ring, writing first would overwrite keys that the chunk's early queries
+still need if the chunk were long: a ring therefore keeps at least `longest_chunk` slots beyond
+its window, and chunks are no longer than that. The chunk's new positions then take slots that
+held positions more than W before the chunk, which no query of the chunk can see.
 
 Padding tokens must not clobber anything a later query needs. They are sent to one "spare" slot
 per row, the slot the row's next token will take: slot `length` of a global buffer (unused), and
-slot `length % N` of a ring (it holds position length - N, which no later query can see).
+slot `length % N` of a ring (it holds a position more than W back, which no query can see).
+
+Global layers attend over a prefix of their buffer, `span` slots, a power of two no shorter
+than what any row holds: a step's cost follows the tokens held, not max_seq_len. The slots past
+a row's length are masked, and masked keys add exact zeros, so the span changes no bit.
+`high`, on the host, bounds how many tokens any row holds, so choosing a span needs no sync.
 
 Stepping back: `rewind` lowers a row's length. Global buffers can drop any number of tokens. A
 ring still holds the R positions before the last W, so it can drop up to R: the slots of the
@@ -38,6 +44,9 @@ from .config import GemmaConfig
 from .errors import ContextLengthError, InvalidArgumentError
 from .mask import chunk_positions, global_slot_positions, ring_slot_positions
 
+MIN_SPAN = 256  # the shortest prefix of a global buffer that a forward attends over
+CHUNK_SLOTS = 256  # slots a ring keeps beyond its window at least, so that prefill chunks can write first
+
 
 class Chunk(NamedTuple):
     """Where one forward's tokens sit: computed once per forward, shared by every layer."""
@@ -48,6 +57,7 @@ class Chunk(NamedTuple):
     valid: torch.Tensor  # [B, T]
     global_slots: torch.Tensor  # [B, T]
     ring_slots: torch.Tensor  # [B, T]
+    span: int  # global slots attended: every row holds fewer tokens after this chunk
 
 
 class KVCache:
@@ -63,9 +73,12 @@ class KVCache:
     ):
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
-        self.window = min(config.sliding_window, max_seq_len)  # the longest chunk
+        self.window = min(config.sliding_window, max_seq_len)
+        # Beyond its window a ring keeps room to rewind and room for a chunk to be written first.
         # A ring as long as the context never wraps and can rewind anything; none needs to be longer.
-        self.ring = min(config.sliding_window + rewind_margin, max_seq_len)
+        extra = max(rewind_margin, min(self.window, CHUNK_SLOTS))
+        self.ring = min(config.sliding_window + extra, max_seq_len)
+        self.longest_chunk = max_seq_len if self.ring == max_seq_len else extra
         self.rewind_margin = max_seq_len if self.ring == max_seq_len or not any(config.sliding_layers) else rewind_margin
         self.sliding = config.sliding_layers
         self.keys: list[torch.Tensor] = []
@@ -76,6 +89,7 @@ class KVCache:
             self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
             self.values.append(torch.zeros(shape, device=device, dtype=dtype))
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.high = 0  # host-side: no row holds more tokens than this
         self.reached = [0] * batch_size  # host-side: the longest each row has been (see rewind)
         # Host-side: the token ids each row holds, for callers that reuse prompts; None = unknown.
         self.tokens: list[list[int] | None] = [[] for _ in range(batch_size)]
@@ -95,12 +109,14 @@ class KVCache:
         """Empty every row, or one."""
         if row is None:
             self.lengths.zero_()
+            self.high = 0
             self.reached = [0] * self.batch_size
             self.tokens = [[] for _ in range(self.batch_size)]
         else:
             self.lengths[row] = 0
             self.reached[row] = 0
             self.tokens[row] = []
+            self.high = max(self.lengths.tolist())
 
     def fork(self) -> "KVCache":
         """An independent copy of this cache (for branching a conversation)."""
@@ -122,6 +138,7 @@ class KVCache:
             k_dst[row, :, :upto].copy_(k_src[src_row, :, :upto])
             v_dst[row, :, :upto].copy_(v_src[src_row, :, :upto])
         self.lengths[row] = length
+        self.high = max(self.high, length)
         self.reached[row] = src.reached[src_row]
         self.tokens[row] = None if src.tokens[src_row] is None else list(src.tokens[src_row])
 
@@ -172,6 +189,7 @@ class KVCache:
             )
         self.reached[row] = max(self.reached[row], length)
         self.lengths[row] = length - n
+        self.high = max(self.lengths.tolist())
         if self.tokens[row] is not None:
             self.tokens[row] = self.tokens[row][: length - n]
 
@@ -186,38 +204,47 @@ class KVCache:
                 )
 
     # ---------------------------------------------------------------- the write rule
-    def chunk(self, n_new: torch.Tensor, length: int) -> Chunk:
+    def span(self, tokens: int) -> int:
+        """How many global slots to attend over when no row holds more than `tokens`."""
+        span = MIN_SPAN
+        while span < tokens:
+            span *= 2
+        return min(span, self.max_seq_len)
+
+    def spans(self) -> list[int]:
+        """Every span a forward can take: the bounded set of attention lengths (and graphs)."""
+        out = [self.span(1)]
+        while out[-1] < self.max_seq_len:
+            out.append(self.span(out[-1] + 1))
+        return out
+
+    def chunk(self, n_new: torch.Tensor, length: int, span: int | None = None) -> Chunk:
+        """Where a chunk of `length` tokens goes; global layers attend over `span` slots (default: all)."""
+        if length > self.longest_chunk:  # a shape, known when tracing: no sync
+            raise ValueError(f"a chunk of {length} tokens is longer than this cache takes ({self.longest_chunk}); split it")
         start = self.lengths
         positions, valid = chunk_positions(start, n_new, length)
         spare = start + n_new  # the slot this row's next token will take
         global_slots = torch.where(valid, positions, spare[:, None]).clamp(max=self.max_seq_len - 1)
         ring_slots = torch.remainder(torch.where(valid, positions, spare[:, None]), self.ring)
-        return Chunk(start, n_new, positions, valid, global_slots, ring_slots)
+        return Chunk(start, n_new, positions, valid, global_slots, ring_slots, span or self.max_seq_len)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, chunk: Chunk):
         """Store a chunk's k, v [B, kv_heads, T, head_dim]; return the keys and values to attend to."""
         keys, values = self.keys[layer], self.values[layer]
-        # Indexing [rows, :, slots] puts the indexed dims first: the values go in as [B, T, H, D].
-        k_rows, v_rows = k.transpose(1, 2), v.transpose(1, 2)
-        if self.sliding[layer] and k.shape[2] > 1:
-            attend_k = torch.cat([keys, k], dim=2)
-            attend_v = torch.cat([values, v], dim=2)
-            keys[self.rows, :, chunk.ring_slots] = k_rows
-            values[self.rows, :, chunk.ring_slots] = v_rows
-            return attend_k, attend_v
         slots = chunk.ring_slots if self.sliding[layer] else chunk.global_slots
-        keys[self.rows, :, slots] = k_rows
-        values[self.rows, :, slots] = v_rows
-        return keys, values
+        # Indexing [rows, :, slots] puts the indexed dims first: the values go in as [B, T, H, D].
+        keys[self.rows, :, slots] = k.transpose(1, 2)
+        values[self.rows, :, slots] = v.transpose(1, 2)
+        if self.sliding[layer]:
+            return keys, values
+        return keys[:, :, : chunk.span], values[:, :, : chunk.span]
 
     def key_positions(self, chunk: Chunk, sliding: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions and validity of the keys that `update` returns for this kind of layer."""
-        if sliding and chunk.positions.shape[1] == 1:  # written first: the ring is all there is
-            return ring_slot_positions(chunk.start + chunk.n_new, self.ring)
         if sliding:
-            ring_pos, ring_valid = ring_slot_positions(chunk.start, self.ring)
-            return torch.cat([ring_pos, chunk.positions], 1), torch.cat([ring_valid, chunk.valid], 1)
-        return global_slot_positions(chunk.start + chunk.n_new, self.max_seq_len)
+            return ring_slot_positions(chunk.start + chunk.n_new, self.ring)
+        return global_slot_positions(chunk.start + chunk.n_new, chunk.span)
 
     def advance(self, chunk: Chunk) -> None:
         self.lengths.add_(chunk.n_new)

@@ -86,27 +86,34 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, chunk)
-        out = self._attend(q, k, v, mask)  # [B, heads, T, head_dim]
+        out = attend(q, k, v, mask, self.scale, self.softcap)  # [B, heads, T, head_dim]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def _attend(self, q, k, v, mask):
-        B, H, T, D = q.shape
-        # A CPU decode step (one query) takes the matmul path: SDPA's CPU kernel handles one query
-        # per head at a time, about 4x slower than one matmul over the group's heads.
-        if self.softcap is None and not (q.device.type == "cpu" and T == 1):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        # The query heads that share a key/value head become rows of one matmul against it. bmm on
-        # 3-D views: a 4-D matmul would copy the transposed keys first.
-        groups, kv = H // self.num_kv_heads, self.num_kv_heads
-        rows = q.reshape(B * kv, groups * T, D)  # rows in (head in group, query) order
-        keys, values = k.reshape(B * kv, -1, D), v.reshape(B * kv, -1, D)
-        scores = torch.bmm(rows, keys.transpose(1, 2)).float().view(B, kv, groups, T, -1) * self.scale
-        if self.softcap is not None:  # soft-capped scores cannot go through SDPA; Gemma 3 never sets it
-            scores = torch.tanh(scores / self.softcap) * self.softcap
-        scores = torch.where(mask[:, :, None], scores, float("-inf"))  # mask [B, 1, T, K] for every head
-        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(B * kv, groups * T, -1)
-        out = torch.bmm(probs, values)  # [B * kv_heads, groups * T, D]
-        return out.view(B, H, T, D)
+
+def attend(q, k, v, mask, scale: float, softcap: float | None = None) -> torch.Tensor:
+    """Grouped-query attention: q [B, H, T, D] over k, v [B, kv_heads, K, D]; mask [B, 1, T, K].
+
+    One algorithm for every shape: prefill chunks, decode steps, padded rows. A query's scores
+    are a row of one matmul against the keys in slot order, its softmax runs over the same slots,
+    and masked keys add exact zeros; so a token's output does not depend on how many queries came
+    with it or on how many masked slots follow (checked bit for bit in tests/test_invariance.py).
+    A kernel that picks its algorithm by shape, as SDPA does (and as SDPA's CPU kernel, one query
+    per head at a time, is slow for decoding), would not give that.
+    """
+    B, H, T, D = q.shape
+    kv = k.shape[1]
+    groups = H // kv
+    # The query heads that share a key/value head become rows of one matmul against it. bmm on
+    # 3-D views: a 4-D matmul would copy the transposed keys first.
+    rows = q.reshape(B * kv, groups * T, D)  # rows in (head in group, query) order
+    keys, values = k.reshape(B * kv, -1, D), v.reshape(B * kv, -1, D)
+    scores = torch.bmm(rows, keys.transpose(1, 2)).float().view(B, kv, groups, T, -1) * scale
+    if softcap is not None:  # Gemma 3 never sets it; Gemma 2 did
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = torch.where(mask[:, :, None], scores, float("-inf"))  # mask [B, 1, T, K] for every head
+    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(B * kv, groups * T, -1)
+    out = torch.bmm(probs, values)  # [B * kv_heads, groups * T, D]
+    return out.view(B, H, T, D)
 
 
 class TiedEmbedding(nn.Embedding):
@@ -187,10 +194,13 @@ class Gemma3(nn.Module):
         cache: KVCache | None = None,
         n_new: torch.Tensor | None = None,  # [B] real tokens per row; the rest is padding
         last_only: bool = False,
+        span: int | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab], or [B, 1, vocab] for each row's last real token if `last_only`.
 
         With a cache, the chunk is appended after each row's cached tokens and the cache advances.
+        Global layers attend over the first `span` slots of their buffers (default: all), which must
+        hold every row's tokens once the chunk is in; see KVCache.span.
         """
         cfg = self.config
         B, T = ids.shape
@@ -203,7 +213,7 @@ class Gemma3(nn.Module):
             chunk = None
             positions, valid = chunk_positions(torch.zeros_like(n_new), n_new, T)
         else:
-            chunk = cache.chunk(n_new, T)
+            chunk = cache.chunk(n_new, T, span)
             positions, valid = chunk.positions, chunk.valid
 
         def keys(sliding: bool):

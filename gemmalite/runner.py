@@ -46,9 +46,10 @@ def decode_step(
     eos_ids: torch.Tensor,  # [EOS_SLOTS]
     kind: str,  # how to sample (see sampling.sampling_kind); a constant of the graph
     with_logprobs: bool,  # a constant of the graph
+    span: int,  # global slots attended (see KVCache.span); a constant of the graph
 ):
     """Feed one token per row and choose the next. No host sync: this is the compiled graph."""
-    logits = model(tokens[:, None], cache, n_new=active.long())[:, -1]
+    logits = model(tokens[:, None], cache, n_new=active.long(), span=span)[:, -1]
     next_tokens = choose(logits, sampler, penalties, cache.lengths, kind)
     next_tokens = torch.where(active, next_tokens, tokens)
     finished = (next_tokens[:, None] == eos_ids).any(-1) | (cache.lengths >= cache.max_seq_len - 1)
@@ -56,9 +57,9 @@ def decode_step(
     return next_tokens, active & ~finished, chosen
 
 
-def prefill_chunk(model: Gemma3, cache: KVCache, ids: torch.Tensor, n_new: torch.Tensor) -> torch.Tensor:
+def prefill_chunk(model: Gemma3, cache: KVCache, ids: torch.Tensor, n_new: torch.Tensor, span: int) -> torch.Tensor:
     """Append a chunk [B, T] (row b: n_new[b] real tokens, then padding); logits [B, vocab] of each row's last."""
-    return model(ids, cache, n_new=n_new, last_only=True)[:, 0]
+    return model(ids, cache, n_new=n_new, last_only=True, span=span)[:, 0]
 
 
 def prefill_bucket(length: int, width: int) -> int:
@@ -76,11 +77,12 @@ def choose(logits, sampler: SamplerState | None, penalties: Penalties, positions
 
 
 def describe_graph(key: tuple, shape: tuple) -> str:
-    """What a compiled graph is, for people: "the decode step (topk, batch 4)", "prefill (batch 1, 16-token chunks)"."""
+    """What a compiled graph is, for people: "the decode step (topk, batch 4, 256 keys)",
+    "prefill (batch 1, 16-token chunks, 256 keys)"."""
     if key[0] == "prefill":
-        return f"prefill (batch {shape[0]}, {shape[1]}-token chunks)"
-    _, kind, with_logprobs = key
-    return f"the decode step ({kind}{', logprobs' if with_logprobs else ''}, batch {shape[0]})"
+        return f"prefill (batch {shape[0]}, {shape[1]}-token chunks, {key[1]} keys)"
+    _, kind, with_logprobs, span = key
+    return f"the decode step ({kind}{', logprobs' if with_logprobs else ''}, batch {shape[0]}, {span} keys)"
 
 
 def fresh_function(fn):
@@ -216,7 +218,8 @@ class Runner:
         for row, chunk in enumerate(chunks):
             if cache.tokens[row] is not None:
                 cache.tokens[row] = cache.tokens[row] + list(chunk)
-        width = min(PREFILL_CHUNK, cache.window)
+        held = cache.lengths.tolist()
+        width = min(PREFILL_CHUNK, cache.longest_chunk)
         # Compiled chunks are padded to a few fixed lengths, so prompts of any length share graphs.
         padded = max(lengths) if not self.compiled else width * (-(-max(lengths) // width))
         ids = torch.zeros(len(chunks), padded, dtype=torch.long)
@@ -225,7 +228,6 @@ class Runner:
         ids = ids.to(self.device)
         remaining = torch.tensor(lengths, device=self.device)
         last = torch.zeros(len(chunks), self.config.vocab_size, device=self.device)
-        chunk_fn = self._compiled(("prefill",), prefill_chunk)
         for start in range(0, max(lengths), width):
             size = min(width, max(lengths) - start)
             if self.compiled:
@@ -233,9 +235,12 @@ class Runner:
                 if self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()
             n_new = (remaining - start).clamp(0, width)
+            cache.high = max(h + min(n, start + width) for h, n in zip(held, lengths))
+            key = ("prefill", cache.span(cache.high))
             # A fresh tensor: a view's strides would make a new graph per prompt length.
             chunk = torch.empty((len(chunks), size), dtype=torch.long, device=self.device).copy_(ids[:, start : start + size])
-            logits = self._call(("prefill",), chunk.shape, chunk_fn, self.model, cache, chunk, n_new)
+            chunk_fn = self._compiled(key, prefill_chunk)
+            logits = self._call(key, chunk.shape, chunk_fn, self.model, cache, chunk, n_new, key[1])
             ends_here = (n_new > 0) & (remaining <= start + width)
             last = torch.where(ends_here[:, None], logits.float(), last)
         return last
@@ -248,9 +253,10 @@ class Runner:
         """
         if self.device.type == "cuda" and self.compiled:
             torch.compiler.cudagraph_mark_step_begin()
-        key = ("decode", kind, with_logprobs)
+        cache.high = min(cache.high + 1, cache.max_seq_len)
+        key = ("decode", kind, with_logprobs, cache.span(cache.high))
         step = self._compiled(key, decode_step)
-        args = (self.model, cache, tokens, active, sampler, penalties, eos_ids, kind, with_logprobs)
+        args = (self.model, cache, tokens, active, sampler, penalties, eos_ids, kind, with_logprobs, key[-1])
         tokens, active, chosen = self._call(key, tokens.shape, step, *args)
         # Graph outputs are overwritten by the next replay: keep copies.
         return tokens.clone(), active.clone(), None if chosen is None else tuple(t.clone() for t in chosen)

@@ -26,7 +26,7 @@ def prefill_matches_eager(engines: Engines, add: Add) -> None:
             expected = eager.runner.prefill(eager.runner.new_cache(1), [prompt])
             got = compiled.runner.prefill(compiled.runner.new_cache(1), [prompt])
             worst = max(worst, (got - expected).abs().max().item() / expected.abs().max().item())
-            width = min(PREFILL_CHUNK, compiled.config.sliding_window, compiled.max_seq_len)
+            width = min(PREFILL_CHUNK, compiled.runner.new_cache(1).longest_chunk)
             buckets.update(prefill_bucket(min(width, length - start), width) for start in range(0, length, width))
     except Exception as e:  # noqa: BLE001 - reported as a failure, not a crash
         add(CHECKS, name, FAIL, f"prefill raised {error_text(e)}")
