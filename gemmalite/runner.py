@@ -170,6 +170,10 @@ class Runner:
         fns = [fn for key, (fn, _) in self._graphs.items() if key[0] == mode]
         return sum(len(_debug_get_cache_entry_list(fn.__code__)) for fn in fns)
 
+    def compiled_shapes(self, mode: str = "decode") -> list[tuple[tuple, tuple]]:
+        """(key, input shape) of every graph the decode step (or "prefill") was called with so far."""
+        return sorted((key, tuple(shape)) for key, shape in self._shapes_run if key[0] == mode)
+
     def new_cache(self, batch_size: int) -> KVCache:
         return KVCache(
             self.config, batch_size, self.max_seq_len, rewind_margin=self.rewind_margin, device=self.device, dtype=self.dtype

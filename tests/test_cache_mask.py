@@ -1,5 +1,6 @@
 """The cache's write rule and the mask builder, each on its own."""
 
+import pytest
 import torch
 
 from gemmalite.cache import KVCache
@@ -68,27 +69,34 @@ def test_ring_slot_positions_follow_p_mod_w():
 
 
 def test_ring_holds_the_last_window_of_keys_after_any_chunking():
-    """Writing positions in chunks of varying size leaves slot p % W holding position p's key.
+    """Writing positions in chunks of varying size (written first) leaves slot p % N holding position p's key.
 
-    Guaranteed for the last W - 1 positions, which is all the next query can see: padding may
-    use the slot of position length - W, the next token's slot.
+    Guaranteed for the last N - 1 positions, more than any query sees: padding may use the slot
+    of position length - N, the next token's slot.
     """
     config = tiny_config()
     cache = KVCache(config, 1, 64, dtype=torch.float32)
-    W = cache.window
+    N, longest = cache.ring, cache.longest_chunk
+    assert N == cache.window + longest  # room for a whole chunk beyond the window
     written = 0
-    for size in (3, 8, 1, 5, 8, 2, 7):
+    for size in (3, longest, 1, 5, longest, 2, 7):
         n_new = torch.tensor([size])
-        chunk = cache.chunk(n_new, 8)  # padded to 8
+        chunk = cache.chunk(n_new, longest)  # padded
         positions = chunk.positions.float()
-        k = positions[:, None, :, None].expand(1, config.num_kv_heads, 8, config.head_dim).contiguous()
+        k = positions[:, None, :, None].expand(1, config.num_kv_heads, longest, config.head_dim).contiguous()
         keys, _ = cache.update(0, k, k.clone(), chunk)  # layer 0 is sliding
-        assert keys.shape[2] == W + 8  # [ring before the write ; chunk]
+        assert keys.shape[2] == N  # the ring itself, the chunk already in it
         cache.advance(chunk)
         written += size
         ring = cache.keys[0][0, 0, :, 0]
-        for p in range(max(0, written - W + 1), written):
-            assert ring[p % W] == p
+        for p in range(max(0, written - N + 1), written):
+            assert ring[p % N] == p
+
+
+def test_a_chunk_longer_than_the_ring_allows_is_refused():
+    cache = KVCache(tiny_config(), 1, 64, dtype=torch.float32)
+    with pytest.raises(ValueError, match="longer than this cache takes"):
+        cache.chunk(torch.tensor([1]), cache.longest_chunk + 1)
 
 
 def test_padding_never_overwrites_a_needed_key():
@@ -109,5 +117,5 @@ def test_sliding_memory_does_not_grow_with_context():
     small, large = KVCache(config, 1, 64), KVCache(config, 1, 4096)
     ring_bytes = [t.numel() for t, s in zip(small.keys, config.sliding_layers) if s]
     assert ring_bytes == [t.numel() for t, s in zip(large.keys, config.sliding_layers) if s]
-    assert all(t.shape[2] == config.sliding_window for t, s in zip(large.keys, config.sliding_layers) if s)
+    assert all(t.shape[2] == large.ring < 4096 for t, s in zip(large.keys, config.sliding_layers) if s)
     assert all(t.shape[2] == 4096 for t, s in zip(large.keys, config.sliding_layers) if not s)

@@ -130,24 +130,32 @@ def test_spans_are_a_short_ladder_up_to_max_seq_len(bf16):
 
 
 @pytest.mark.parametrize("which", ["eager", "compiled"])
-def test_a_seeded_reply_is_the_same_fresh_reused_and_batched(bf16, bf16_compiled, tiny, which):
+def test_a_seeded_reply_is_the_same_fresh_reused_and_batched(bf16, bf16_compiled, which):
     engine = bf16 if which == "eager" else bf16_compiled
-    fresh = gemmalite.load(tiny[0], dtype="bfloat16", compile=engine.compiled, max_seq_len=1024, rewind_margin=MARGIN,
-                           reuse_prompts=False)  # fmt: skip
-    fresh.runner = engine.runner if engine.compiled else fresh.runner  # share compiled graphs, not caches' use
     turns = [ids(17, 20), ids(9, 21)[1:], ids(30, 22)[1:]]
     transcript: list[int] = []
     for turn, seed in zip(turns, (1, 2, 3)):
         transcript = transcript + turn
         reused = engine.complete(transcript, seed=seed, **SAMPLED)  # the earlier turns come from the cache
-        alone = fresh.complete(transcript, seed=seed, **SAMPLED)
         assert reused.usage.cached_tokens > 0 or transcript == turns[0]
+        alone = fresh_call(engine, transcript, seed=seed, **SAMPLED)
         assert reused.token_ids == alone.token_ids and reused.top_logprobs == alone.top_logprobs
-        if engine.compiled:
-            continue  # batches compile graphs of their own: proven eager, and in float32 compiled
-        batch = engine.complete([transcript, ids(11, seed), ids(40, seed + 9)], seed=seed, **SAMPLED)
-        assert batch[0].token_ids == alone.token_ids and batch[0].top_logprobs == alone.top_logprobs
+        if not engine.compiled:  # batches compile graphs of their own: proven eager, and in float32 compiled
+            batch = engine.complete([transcript, ids(11, seed), ids(40, seed + 9)], seed=seed, **SAMPLED)
+            assert batch[0].token_ids == alone.token_ids and batch[0].top_logprobs == alone.top_logprobs
+            fresh_call(engine, transcript, seed=seed, **SAMPLED)  # the pool's newest cache holds the reply again
         transcript = transcript + reused.token_ids
+
+
+def fresh_call(engine, prompt, **options):
+    """A call that prefills its whole prompt, on the same engine (and graphs)."""
+    engine.reuse_prompts = False
+    try:
+        done = engine.complete(prompt, **options)
+    finally:
+        engine.reuse_prompts = True
+    assert done.usage.cached_tokens == 0
+    return done
 
 
 def test_the_scheduler_gives_a_seeded_request_the_same_reply_twice(bf16):

@@ -9,7 +9,7 @@ from gemmalite import cli
 
 from conftest import MARGIN
 
-DECODE = "the decode step (greedy, batch 1)"
+DECODE = "the decode step (greedy, batch 1, 256 keys)"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_warm_up_compiles_the_decode_step_so_the_call_compiles_nothing_mid_reply
     assert fresh_compiled.last_stats.cached_tokens == [0]  # the warm-up left nothing for prompt reuse
 
     fresh_compiled.generate_ids(prompt, max_new_tokens=3, temperature=0.7, seed=1)  # a new way of sampling
-    assert [what for what, seconds in heard if seconds is None] == ["the decode step (plain, batch 1)"]
+    assert [what for what, seconds in heard if seconds is None] == ["the decode step (plain, batch 1, 256 keys)"]
 
 
 def test_an_eager_engine_has_nothing_to_warm_up(tiny_engine):
