@@ -90,30 +90,37 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
+ROW_TILE = 16  # attention matmuls take a multiple of this many query rows (see attend)
+
+
 def attend(q, k, v, mask, scale: float, softcap: float | None = None) -> torch.Tensor:
     """Grouped-query attention: q [B, H, T, D] over k, v [B, kv_heads, K, D]; mask [B, 1, T, K].
 
     One algorithm for every shape: prefill chunks, decode steps, padded rows. A query's scores
-    are a row of one matmul against the keys in slot order, its softmax runs over the same slots,
-    and masked keys add exact zeros; so a token's output does not depend on how many queries came
-    with it or on how many masked slots follow (checked bit for bit in tests/test_invariance.py).
-    A kernel that picks its algorithm by shape, as SDPA does (and as SDPA's CPU kernel, one query
-    per head at a time, is slow for decoding), would not give that.
+    are a row of one float32 matmul against the keys in slot order, its softmax runs over the
+    same slots, and masked keys add exact zeros; so a token's output does not depend on how many
+    queries came with it or on how many masked slots follow (checked bit for bit in
+    tests/test_invariance.py). BLAS libraries pick their kernel by shape, a one-row product
+    differing from a many-row one, so the rows are padded to a multiple of ROW_TILE (at least
+    one tile): a decode step's few rows then go through the same kernel as a prefill chunk's.
+    SDPA would not give that either (and its CPU kernel, one query per head at a time, is slow
+    for decoding). float32 also keeps bf16 matmuls, slow on CPUs without bf16 units, out of it.
     """
     B, H, T, D = q.shape
     kv = k.shape[1]
     groups = H // kv
-    # The query heads that share a key/value head become rows of one matmul against it. bmm on
-    # 3-D views: a 4-D matmul would copy the transposed keys first.
-    rows = q.reshape(B * kv, groups * T, D)  # rows in (head in group, query) order
-    keys, values = k.reshape(B * kv, -1, D), v.reshape(B * kv, -1, D)
-    scores = torch.bmm(rows, keys.transpose(1, 2)).float().view(B, kv, groups, T, -1) * scale
+    # The query heads that share a key/value head become rows of one matmul against it, in
+    # (head in group, query) order; bmm on 3-D views, as a 4-D matmul would copy the keys first.
+    n = groups * T
+    rows = F.pad(q.reshape(B * kv, n, D).float(), (0, 0, 0, max(ROW_TILE, -(-n // ROW_TILE) * ROW_TILE) - n))
+    keys, values = k.reshape(B * kv, -1, D).float(), v.reshape(B * kv, -1, D).float()
+    scores = torch.bmm(rows, keys.transpose(1, 2))[:, :n].view(B, kv, groups, T, -1) * scale
     if softcap is not None:  # Gemma 3 never sets it; Gemma 2 did
         scores = torch.tanh(scores / softcap) * softcap
     scores = torch.where(mask[:, :, None], scores, float("-inf"))  # mask [B, 1, T, K] for every head
-    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(B * kv, groups * T, -1)
-    out = torch.bmm(probs, values)  # [B * kv_heads, groups * T, D]
-    return out.view(B, H, T, D)
+    probs = F.pad(torch.softmax(scores, dim=-1).view(B * kv, n, -1), (0, 0, 0, rows.shape[1] - n))
+    out = torch.bmm(probs, values)[:, :n]  # [B * kv_heads, groups * T, D]
+    return out.to(q.dtype).view(B, H, T, D)
 
 
 class TiedEmbedding(nn.Embedding):

@@ -75,7 +75,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 # ---------------------------------------------------------------------- engines
 class GemmaliteRunner:
-    def __init__(self, name, path, device, dtype, mode):
+    def __init__(self, name, path, device, dtype, mode, max_seq_len=None):
         """mode: eager, compiled, int8 or int8-compiled (int8: CPU only)."""
         self.name, self.device = name, device
         t = time.perf_counter()
@@ -85,7 +85,7 @@ class GemmaliteRunner:
             dtype=dtype,
             compile=mode.endswith("compiled"),
             quantize="int8" if mode.startswith("int8") else None,
-            max_seq_len=MAX_SEQ_LEN,
+            max_seq_len=max_seq_len or MAX_SEQ_LEN,
             reuse_prompts=False,  # a repeated prompt must be prefilled again: time to first token is a cold prefill
         )
         self.load_s = time.perf_counter() - t
@@ -392,6 +392,8 @@ def main(argv=None):
                    help="also decode with sampling (temperature 1, top_k 64, top_p 0.95), next to greedy")
     p.add_argument("--reuse", action="store_true",
                    help="time to first token of a long conversation's next turn, with prompt reuse and without, and exit")
+    p.add_argument("--max-seq-len", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="gemmalite cache lengths, one engine each (default 4256), e.g. 2048,32768")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--png", help="write a bar chart of decode tok/s here (needs matplotlib)")
     args = p.parse_args(argv)
@@ -424,7 +426,11 @@ def main(argv=None):
             if args.json:
                 Path(args.json).write_text(json.dumps({"header": label, "reuse": figures}, indent=2))
             return
-        runners = [GemmaliteRunner(f"gemmalite {m}", path, device, dtype, m) for m in modes]
+        lengths = args.max_seq_len or [None]
+        runners = [
+            GemmaliteRunner(f"gemmalite {m}" + (f" max_seq_len {n}" if n else ""), path, device, dtype, m, n)
+            for m in modes for n in lengths
+        ]
         if not args.no_hf:
             runners.append(TransformersRunner("transformers eager", path, device, dtype, static=False))
             if args.hf_static:

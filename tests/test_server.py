@@ -50,7 +50,16 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    cmd = [sys.executable, "-m", "gemmalite.cli", "serve", "--model", str(tiny[0]), "--dtype", "float32", "--device", "cpu",
+    yield from serve(tiny, "float32")
+
+
+@pytest.fixture(scope="module")
+def bf16_server(tiny):
+    yield from serve(tiny, "bfloat16")
+
+
+def serve(tiny, dtype: str):
+    cmd = [sys.executable, "-m", "gemmalite.cli", "serve", "--model", str(tiny[0]), "--dtype", dtype, "--device", "cpu",
            "--no-compile", "--port", "0", "--parallel", str(PARALLEL), "--queue", str(QUEUE)]  # fmt: skip
     # One thread is plenty for the tiny model, and it keeps the server off the test's cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -307,3 +316,19 @@ def test_ctrl_c_stops_the_server_cleanly(server):  # last: it ends the module's 
     server.reader.join(timeout=10)
     log = "".join(server.log)
     assert "Traceback" not in log and "stopped" in log
+
+
+def test_in_bf16_a_seeded_request_gets_the_same_reply_twice_and_batched(bf16_server, tiny):
+    """Reproducible in the default dtype: the second time, the prompt comes from a reused slot."""
+    import gemmalite
+
+    engine = gemmalite.load(tiny[0], dtype="bfloat16", compile=False, reuse_prompts=False)
+    sampled = dict(temperature=0.9, top_p=0.95, max_tokens=16)
+    messages = [user(f"{p} and then some more words") for p in PROMPTS]
+    expected = [alone(engine, m[0]["content"], max_new_tokens=16, seed=i, temperature=0.9, top_p=0.95) for i, m in enumerate(messages)]
+    for round_ in range(2):
+        with ThreadPoolExecutor(len(messages)) as pool:  # batched with each other in the slots
+            replies = list(pool.map(lambda im: chat_reply(bf16_server, im[1], seed=im[0], **sampled), enumerate(messages)))
+        assert [r.choices[0].message.content for r in replies] == expected, f"round {round_}"
+        if round_:
+            assert sum(r.usage.prompt_tokens_details.cached_tokens for r in replies) > 0
