@@ -114,13 +114,13 @@ def attend(q, k, v, mask, scale: float, softcap: float | None = None) -> torch.T
     n = groups * T
     rows = F.pad(q.reshape(B * kv, n, D).float(), (0, 0, 0, max(ROW_TILE, -(-n // ROW_TILE) * ROW_TILE) - n))
     keys, values = k.reshape(B * kv, -1, D).float(), v.reshape(B * kv, -1, D).float()
-    scores = torch.bmm(rows, keys.transpose(1, 2))[:, :n].view(B, kv, groups, T, -1) * scale
+    scores = torch.bmm(rows, keys.transpose(1, 2))[:, :n].reshape(B, kv, groups, T, -1) * scale
     if softcap is not None:  # Gemma 3 never sets it; Gemma 2 did
         scores = torch.tanh(scores / softcap) * softcap
     scores = torch.where(mask[:, :, None], scores, float("-inf"))  # mask [B, 1, T, K] for every head
-    probs = F.pad(torch.softmax(scores, dim=-1).view(B * kv, n, -1), (0, 0, 0, rows.shape[1] - n))
+    probs = F.pad(torch.softmax(scores, dim=-1).reshape(B * kv, n, -1), (0, 0, 0, rows.shape[1] - n))
     out = torch.bmm(probs, values)[:, :n]  # [B * kv_heads, groups * T, D]
-    return out.to(q.dtype).view(B, H, T, D)
+    return out.to(q.dtype).reshape(B, H, T, D)
 
 
 class TiedEmbedding(nn.Embedding):
