@@ -5,8 +5,8 @@ with `torch.compile(mode="reduce-overhead", fullgraph=True)`, and `prefill_chunk
 that changes between steps (tokens, which rows are still active, cache lengths, sampling
 settings, penalties) is a tensor, so the step compiles once per batch size and per way of
 choosing (see sampling.sampling_kind), and on CUDA each later call replays a CUDA graph. Prefill
-chunks are no longer than the sliding window (see cache.py for why) and, compiled, are padded to
-a few fixed lengths, so prompts of any length share a handful of graphs.
+chunks are no longer than the sliding window or the ring's room beyond it (see cache.py) and,
+compiled, are padded to a few fixed lengths, so prompts of any length share a handful of graphs.
 
 The runner also lends caches: each call takes one of its own from a small pool (`checkout`),
 and model calls take turns under `lock`, so threads never share a cache. loop.py drives it.
@@ -223,7 +223,9 @@ class Runner:
             if cache.tokens[row] is not None:
                 cache.tokens[row] = cache.tokens[row] + list(chunk)
         held = cache.lengths.tolist()
-        width = min(PREFILL_CHUNK, cache.longest_chunk)
+        # Chunks no longer than the window either: a ring could take more, but every chunk length is
+        # a compiled graph, and small-window models would compile many for nothing.
+        width = min(PREFILL_CHUNK, cache.longest_chunk, cache.window)
         # Compiled chunks are padded to a few fixed lengths, so prompts of any length share graphs.
         padded = max(lengths) if not self.compiled else width * (-(-max(lengths) // width))
         ids = torch.zeros(len(chunks), padded, dtype=torch.long)
