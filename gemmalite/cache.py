@@ -57,7 +57,7 @@ class Chunk(NamedTuple):
     valid: torch.Tensor  # [B, T]
     global_slots: torch.Tensor  # [B, T]
     ring_slots: torch.Tensor  # [B, T]
-    span: int  # global slots attended: every row holds fewer tokens after this chunk
+    span: int  # global slots attended: as many as any row holds after this chunk, or more
 
 
 class KVCache:

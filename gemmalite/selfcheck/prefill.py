@@ -40,6 +40,7 @@ def prefill_matches_eager(engines: Engines, add: Add) -> None:
         problems.append(f"{graphs} prefill graphs for {len(shapes)} chunk shape(s): prefill recompiled")
     detail = (
         f"prompts of {'/'.join(map(str, PROMPT_LENGTHS))} tokens: last logits within {worst:.1e} of eager's "
-        f"largest value; {graphs} prefill graph(s) for chunk lengths {sorted(buckets)}"
+        f"largest value; {graphs} prefill graph(s) for chunk lengths {sorted(buckets)}; global layers attend over "
+        f"one of {compiled.runner.new_cache(1).spans()} slots (a graph each, per mode and batch size, when reached)"
     )
     add(CHECKS, name, FAIL if problems else PASS, "; ".join(problems + [detail]))
