@@ -83,7 +83,7 @@ def load(
 ) -> Engine:
     """Load a Gemma 3 checkpoint (local dir, .gguf file or Hub repo id) into an Engine.
 
-    quantize="int8" stores most linear weights and the head as int8 (CPU only); see quantize.py.
+    quantize="int8" stores every projection and the head as int8 (weight-only); see quantize.py.
     rewind_margin: how many tokens a cache can step back (each sliding layer keeps that many
     slots beyond its window); see cache.py. reuse_prompts: keep each call's cache, so that a
     later prompt that starts with the same tokens prefills only the rest.
@@ -93,8 +93,6 @@ def load(
     if quantize not in (None, "int8"):
         raise InvalidArgumentError(f"unknown quantize={quantize!r}; the choices are None and 'int8'")
     device = parse_device(device)
-    if quantize == "int8" and device.type != "cpu":
-        raise InvalidArgumentError("quantize='int8' runs on CPU only (fbgemm kernels); on CUDA use bfloat16")
     dtype = parse_dtype(dtype)
     if compile is None:
         compile = device.type == "cuda"

@@ -76,7 +76,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 # ---------------------------------------------------------------------- engines
 class GemmaliteRunner:
     def __init__(self, name, path, device, dtype, mode, max_seq_len=None):
-        """mode: eager, compiled, int8 or int8-compiled (int8: CPU only)."""
+        """mode: eager, compiled, int8 or int8-compiled."""
         self.name, self.device = name, device
         t = time.perf_counter()
         self.engine = gemmalite.load(
@@ -413,7 +413,7 @@ def main(argv=None):
             path, label = Path(args.model), args.model
         if args.quality:
             figures = quality(path, args.new_tokens, args.reference)
-            what = f"float32 against {args.reference}" if args.reference else "int8 (fbgemm) against bf16"
+            what = f"float32 against {args.reference}" if args.reference else "int8 (weight-only) against bf16"
             print(f"model: {label}; {what}; {len(QUALITY_TEXTS)} texts, {args.new_tokens} greedy tokens each")
             for k, v in figures.items():
                 print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")

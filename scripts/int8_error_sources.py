@@ -56,7 +56,7 @@ def main() -> None:
     rounded = load(dtype="float32")
     for module in rounded.model.modules():
         if isinstance(module, torch.nn.Linear):
-            module.weight.data = quantize._int8_rows(module.weight).dequantize()
+            module.weight.data = quantize.Int8Linear(module.weight).dequantized()
     print("  float32 on int8-rounded projections:   ", against(reference, rounded), flush=True)
     print("  float32, no int8:                      ", against(reference, load(dtype="float32")), flush=True)
 
