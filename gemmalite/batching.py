@@ -61,6 +61,7 @@ from .sampling import (
     sampler_state,
     sampling_kind,
     seed_key,
+    set_penalties,
 )
 from .slots import Request, Slot
 
@@ -246,12 +247,7 @@ class Scheduler:
         s.top_p[row] = settings.top_p
         s.min_p[row] = settings.min_p
         s.keys[row] = seed_key(settings.seed, 0)
-        p.repetition[row] = settings.repetition_penalty
-        p.presence[row] = settings.presence_penalty
-        p.frequency[row] = settings.frequency_penalty
-        p.in_prompt[row] = False
-        p.in_prompt[row, torch.tensor(prompt, device=p.in_prompt.device)] = True
-        p.counts[row] = 0
+        set_penalties(p, row, settings, prompt)
 
     def _prefill(self) -> None:
         """Prefill waiting prompts, oldest first, one at a time in the staging cache: all of them when

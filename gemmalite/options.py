@@ -30,6 +30,7 @@ class GenerationOptions:
     repetition_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repeat_last_n: int | None = None  # the repetition penalty's window: -1 all, 0 off, N the last N tokens
     logprobs: int | None = None  # None: off; N: each chosen token's log-probability and the top N others
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
@@ -78,6 +79,7 @@ class GenerationOptions:
             repetition_penalty=pick("repetition_penalty"),
             presence_penalty=pick("presence_penalty"),
             frequency_penalty=pick("frequency_penalty"),
+            repeat_last_n=pick("repeat_last_n"),
         )
 
 

@@ -29,6 +29,8 @@ class SamplingSettings:
 
     Penalties: repetition_penalty 1 is off (transformers' rule, over prompt and reply);
     presence_penalty and frequency_penalty 0 are off (OpenAI's rule, over the reply only).
+    repeat_last_n: the tokens the repetition penalty looks back over, as llama.cpp's flag: the last
+    N of prompt and reply; -1 (the default) is all of them, 0 turns the penalty off.
     """
 
     temperature: float = 0.0
@@ -39,6 +41,7 @@ class SamplingSettings:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repeat_last_n: int = -1
 
     def __post_init__(self):
         t, k, p, m = self.temperature, self.top_k, self.top_p, self.min_p
@@ -55,6 +58,9 @@ class SamplingSettings:
         r = self.repetition_penalty
         if not _is_number(r) or not math.isfinite(r) or r <= 0:
             raise InvalidArgumentError(f"repetition_penalty must be a finite number > 0 (1 means off), got {r!r}")
+        n = self.repeat_last_n
+        if isinstance(n, bool) or not isinstance(n, int) or not -1 <= n < WHOLE_HISTORY:
+            raise InvalidArgumentError(f"repeat_last_n must be an integer >= -1 (-1: the whole history, 0: off), got {n!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
@@ -66,7 +72,8 @@ class SamplingSettings:
 
     @property
     def penalized(self) -> bool:
-        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+        repetition = self.repetition_penalty != 1 and self.repeat_last_n != 0
+        return repetition or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 FLOAT32_MAX = 3.4e38  # settings become float32 tensors: larger values would turn into inf
@@ -145,23 +152,40 @@ def sampling_kind(rows: Sequence[SamplingSettings]) -> str:
 
 
 # ------------------------------------------------------------------ penalties
+# A token's place in its row's history (prompt, then reply) is counted in int32. A token never
+# seen sits at NEVER; a window of WHOLE_HISTORY reaches back past any history a cache can hold.
+NEVER = -(2**31)
+WHOLE_HISTORY = 2**30
+
+
 class Penalties(NamedTuple):
     """Per-row penalty settings [B] and what they count: tensors, so values never recompile."""
 
     repetition: torch.Tensor  # [B] float32, 1 = off
     presence: torch.Tensor  # [B] float32, 0 = off
     frequency: torch.Tensor  # [B] float32, 0 = off
-    in_prompt: torch.Tensor  # [B, V] bool: tokens of the prompt (repetition penalty only)
+    window: torch.Tensor  # [B] int32: how many of the latest tokens the repetition penalty sees
+    last_seen: torch.Tensor  # [B, V] int32: each token's latest place in the history (prompt and reply)
+    seen: torch.Tensor  # [B] int32: how long the history is
     counts: torch.Tensor  # [B, V] int32: how often each token was generated
+
+
+def repetition_window(settings: SamplingSettings) -> int:
+    return WHOLE_HISTORY if settings.repeat_last_n == -1 else settings.repeat_last_n
+
+
+def latest_places(history: Sequence[int], vocab_size: int) -> torch.Tensor:
+    """[V] int32: where each token of `history` last occurs in it; NEVER for the others."""
+    places = torch.full((vocab_size,), NEVER, dtype=torch.int32)
+    ids = torch.as_tensor(list(history), dtype=torch.long)
+    return places.scatter_reduce(0, ids, torch.arange(len(ids), dtype=torch.int32), "amax")
 
 
 def penalties(
     settings: Sequence[SamplingSettings], histories: Sequence[Sequence[int]], vocab_size: int, device
 ) -> Penalties:
     """Penalty state for rows whose prompts (everything before the reply) are `histories`."""
-    in_prompt = torch.zeros(len(settings), vocab_size, dtype=torch.bool)
-    for row, history in enumerate(histories):
-        in_prompt[row, torch.as_tensor(list(history), dtype=torch.long)] = True
+    last_seen = torch.stack([latest_places(h, vocab_size) for h in histories]) if histories else torch.empty(0, vocab_size)
 
     def column(name):
         return torch.tensor([getattr(s, name) for s in settings], dtype=torch.float32, device=device)
@@ -170,9 +194,22 @@ def penalties(
         column("repetition_penalty"),
         column("presence_penalty"),
         column("frequency_penalty"),
-        in_prompt.to(device),
+        torch.tensor([repetition_window(s) for s in settings], dtype=torch.int32, device=device),
+        last_seen.to(device, torch.int32),
+        torch.tensor([len(h) for h in histories], dtype=torch.int32, device=device),
         torch.zeros(len(settings), vocab_size, dtype=torch.int32, device=device),
     )
+
+
+def set_penalties(p: Penalties, row: int, settings: SamplingSettings, history: Sequence[int]) -> None:
+    """Row `row` of `p`, in place, for a new request with these settings and prompt."""
+    p.repetition[row] = settings.repetition_penalty
+    p.presence[row] = settings.presence_penalty
+    p.frequency[row] = settings.frequency_penalty
+    p.window[row] = repetition_window(settings)
+    p.last_seen[row] = latest_places(history, p.last_seen.shape[1]).to(p.last_seen.device)
+    p.seen[row] = len(history)
+    p.counts[row] = 0
 
 
 def row_view(state: SamplerState | Penalties, row: int):
@@ -186,7 +223,7 @@ def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
     With the neutral values (1, 0, 0) every logit comes back bit for bit unchanged.
     """
     logits = logits.float()
-    seen = p.in_prompt | (p.counts > 0)
+    seen = p.last_seen >= (p.seen - p.window)[:, None]  # within the row's window
     r = p.repetition[:, None]
     logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
     counts = p.counts.float()
@@ -194,8 +231,11 @@ def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
 
 
 def count_tokens(p: Penalties, tokens: torch.Tensor, active: torch.Tensor) -> None:
-    """Add each active row's new token [B] to its counts, in place (inside the graph)."""
+    """Add each active row's new token [B] to its counts and history, in place."""
     p.counts.scatter_add_(1, tokens[:, None], active[:, None].to(p.counts.dtype))
+    place = torch.where(active, p.seen, p.last_seen.gather(1, tokens[:, None])[:, 0])
+    p.last_seen.scatter_(1, tokens[:, None], place[:, None])
+    p.seen.add_(active.to(p.seen.dtype))
 
 
 # ------------------------------------------------------------------ the noise

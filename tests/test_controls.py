@@ -50,6 +50,30 @@ def test_repetition_penalty_matches_transformers(tiny, tiny_engine, penalty):
     assert got != tiny_engine.generate_ids([prompt], max_new_tokens=40, ignore_eos=True)[0]
 
 
+def reference_windowed_repetition_greedy(engine, prompt, n, penalty, last_n):
+    """Greedy with transformers' repetition rule over the last `last_n` tokens of prompt and reply."""
+    tokens = list(prompt)
+    for _ in range(n):
+        logits = engine.logits(torch.tensor([tokens]))[0, -1]
+        seen = torch.tensor(sorted(set(tokens[-last_n:])))
+        logits[seen] = torch.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
+        tokens.append(int(logits.argmax()))
+    return tokens[len(prompt) :]
+
+
+def test_repeat_last_n_penalizes_only_the_latest_tokens(tiny_engine):
+    prompt = random_prompt(12, seed=5)
+    kw = dict(max_new_tokens=30, ignore_eos=True, repetition_penalty=3.0)
+    windowed = tiny_engine.generate_ids([prompt], **kw, repeat_last_n=4)[0]
+    assert windowed == reference_windowed_repetition_greedy(tiny_engine, prompt, 30, 3.0, 4)
+    whole = tiny_engine.generate_ids([prompt], **kw)[0]
+    assert windowed != whole
+    assert tiny_engine.generate_ids([prompt], **kw, repeat_last_n=-1)[0] == whole
+    assert tiny_engine.generate_ids([prompt], **kw, repeat_last_n=0)[0] == tiny_engine.generate_ids(
+        [prompt], max_new_tokens=30, ignore_eos=True
+    )[0]
+
+
 def test_presence_and_frequency_penalties_follow_the_openai_formula(tiny_engine):
     prompt = random_prompt(6, seed=8)
     for presence, frequency in [(0.7, 0.0), (0.5, 0.3)]:
@@ -66,7 +90,7 @@ def test_penalties_compiled_equal_eager_and_never_recompile(tiny_engine, compile
     assert compiled_engine.generate_ids([prompt], **kw, **first) == tiny_engine.generate_ids([prompt], **kw, **first)
     graphs = compiled_engine.graph_count()
     with torch.compiler.set_stance("fail_on_recompile"):
-        for values in [dict(repetition_penalty=1.5), dict(presence_penalty=1.0, frequency_penalty=0.5), {}]:
+        for values in [dict(repetition_penalty=1.5, repeat_last_n=5), dict(presence_penalty=1.0, frequency_penalty=0.5), {}]:
             got = compiled_engine.generate_ids([prompt], **kw, **values)
             assert got == tiny_engine.generate_ids([prompt], **kw, **values)
     assert compiled_engine.graph_count() == graphs
@@ -159,6 +183,8 @@ def test_two_interleaved_streams_in_one_thread_do_not_mix(tiny_engine):
         (lambda e: e.generate_ids([[2]], presence_penalty=-0.5), "presence_penalty"),
         (lambda e: e.generate_ids([[2]], frequency_penalty=float("nan")), "frequency_penalty"),
         (lambda e: e.generate_ids([[2]], presence_penalty=1e308), "presence_penalty"),
+        (lambda e: e.generate_ids([[2]], repeat_last_n=-2), "repeat_last_n"),
+        (lambda e: e.generate_ids([[2]], repeat_last_n=1.5), "repeat_last_n"),
         (lambda e: e.complete([2], logprobs=21), "logprobs"),
         (lambda e: e.generate("hi", logprobs=2), "complete"),
         (lambda e: e.generate_ids([[2]], stop="x"), "stop"),

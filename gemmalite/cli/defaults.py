@@ -23,7 +23,16 @@ from ..sampling import SamplingSettings
 CLI_SAMPLING = SamplingSettings(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
 FROM_CHECKPOINT = "the checkpoint's generation_config.json"
 FROM_CLI = "gemmalite's defaults, as the checkpoint sets none"
-NAMES = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+NAMES = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "repeat_last_n",
+    "presence_penalty",
+    "frequency_penalty",
+)
 
 
 def with_sampling_defaults(options: GenerationOptions, checkpoint: SamplingSettings) -> tuple[GenerationOptions, str]:
@@ -59,6 +68,8 @@ def _matters(settings: SamplingSettings, name: str) -> bool:
         return True
     if name in ("top_k", "top_p", "min_p") and settings.greedy:
         return False
+    if name == "repeat_last_n":
+        return settings.repetition_penalty != 1 and value != -1
     off = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}.get(name, 0.0)
     return value != off
 

@@ -79,6 +79,12 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
         metavar="R",
         help="> 1 discourages tokens already in the prompt or reply (transformers' rule); 1 is off",
     )
+    add(
+        "--repeat-last-n",
+        type=int,
+        metavar="N",
+        help="the repetition penalty looks back over the last N tokens; -1 is all of them, 0 is off",
+    )
     add("--presence-penalty", type=float, metavar="P", help="subtract P from tokens already in the reply; 0 is off")
     add("--frequency-penalty", type=float, metavar="F", help="subtract F per earlier use of a token in the reply; 0 is off")
     add("--seed", "-s", type=int, metavar="S", help="seed for reproducible sampling")
