@@ -18,7 +18,7 @@ from .sampling import SamplingSettings
 from .tokenizer import Tokenizer
 from .weights import Checkpoint, load_state_dict, read_checkpoint, resolve
 
-DEFAULT_MAX_SEQ_LEN = 8192
+DEFAULT_MAX_SEQ_LEN = 32768  # global layers attend over the filled span only, so a long cache costs memory, not speed
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
 

@@ -160,6 +160,7 @@ BAD_INPUTS = [
     ("missing", ["--repetition-penalty", "nan"], 2, "repetition_penalty"),
     ("missing", ["--presence-penalty", "-0.5"], 2, "presence_penalty"),
     ("missing", ["--frequency-penalty", "inf"], 2, "frequency_penalty"),
+    ("missing", ["--repeat-last-n", "-5"], 2, "repeat_last_n"),
     ("missing", ["--logprobs", "21"], 2, "logprobs"),
     ("missing", ["--logprobs", "-1"], 2, "logprobs"),
     ("missing", ["--logprobs", "two"], 2, "invalid int"),
@@ -359,11 +360,11 @@ def test_generation_flags_become_one_generation_options():
     from gemmalite.cli.options import generation_options
     from gemmalite.options import GenerationOptions
 
-    flags = "--max-tokens 7 --temp 0.5 --top-k 3 --top-p 0.9 --min-p 0.1 --repeat-penalty 1.2 --presence-penalty 0.5 "
+    flags = "--max-tokens 7 --temp 0.5 --top-k 3 --top-p 0.9 --min-p 0.1 --repeat-penalty 1.2 --repeat-last-n 16 --presence-penalty 0.5 "
     flags += "--frequency-penalty 0.25 -s 9 --stop x --stop y --ignore-eos --logprobs 2"
     args = cli.build_parser().parse_args([PROMPT, *flags.split()])
     assert generation_options(args) == GenerationOptions(
-        max_new_tokens=7, temperature=0.5, top_k=3, top_p=0.9, min_p=0.1, repetition_penalty=1.2,
+        max_new_tokens=7, temperature=0.5, top_k=3, top_p=0.9, min_p=0.1, repetition_penalty=1.2, repeat_last_n=16,
         presence_penalty=0.5, frequency_penalty=0.25, seed=9, stop=("x", "y"), ignore_eos=True, logprobs=2,
     )  # fmt: skip
     assert generation_options(cli.build_parser().parse_args([PROMPT])) == GenerationOptions()

@@ -52,7 +52,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="compile the decode step with torch.compile (default: on for CUDA, off for CPU)",
     )
-    group.add_argument("--max-seq-len", type=int, metavar="N", help="longest transcript in tokens (default: min(model's, 8192))")
+    group.add_argument("--max-seq-len", type=int, metavar="N", help="longest transcript in tokens (default: min(model's, 32768))")
     group.add_argument(
         "--quantize",
         choices=["int8"],
