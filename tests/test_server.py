@@ -112,6 +112,14 @@ def test_chat_and_plain_completions_equal_the_engine_alone(server, tiny_engine):
     assert plain.choices[0].text == alone(tiny_engine, PROMPTS[1], chat=False, max_new_tokens=12)
 
 
+def test_the_repetition_window_reaches_the_engine(server, tiny_engine):
+    options = dict(repetition_penalty=3.0, repeat_last_n=4)
+    plain = server.client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=16, extra_body=options)
+    expected = alone(tiny_engine, PROMPTS[2], chat=False, max_new_tokens=16, **options)
+    assert plain.choices[0].text == expected
+    assert expected != alone(tiny_engine, PROMPTS[2], chat=False, max_new_tokens=16, repetition_penalty=3.0)
+
+
 def test_a_system_message_is_folded_into_the_first_user_turn(server, tiny_engine):
     messages = [{"role": "system", "content": "Be brief."}, *user(PROMPTS[2])]
     reply = chat_reply(server, messages, max_tokens=8)
@@ -252,6 +260,7 @@ BAD = [
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "seed": 1.5}, 400, "seed"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": -3}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "repeat_last_n": -3}, 400, "repeat_last_n"),
     ("/v1/nowhere", {}, 404, None),
 ]
 

@@ -5,7 +5,7 @@ body into a `Job` (prompt ids and GenerationOptions) or raise `APIError`, which 
 and the OpenAI error body. The response builders take the engine's CompletionChunks.
 
 Field names and shapes follow the OpenAI API; the extensions are vLLM's and llama-server's names
-(top_k, min_p, repetition_penalty, ignore_eos, cache_prompt).
+(top_k, min_p, repetition_penalty, repeat_last_n, ignore_eos, cache_prompt).
 """
 
 from __future__ import annotations
@@ -163,6 +163,7 @@ def _job(body: dict, engine, defaults: GenerationOptions, prompt: list[int], *, 
         "top_k": None if top_k is None else max(top_k, 0),
         **{name: _get(body, name, float) for name in NUMBERS},
         "seed": _get(body, "seed", int),
+        "repeat_last_n": _get(body, "repeat_last_n", int),
         "ignore_eos": _get(body, "ignore_eos", bool),
         "stop": _stops(body.get("stop")),
         "logprobs": logprobs,
