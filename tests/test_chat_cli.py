@@ -195,8 +195,9 @@ def test_a_checkpoint_without_tokenizer_is_refused_before_the_first_prompt(capsy
 def test_chat_samples_by_default_and_takes_the_aliases(capsys, monkeypatch, model, tiny_engine):
     system = "You answer in one word."
     expected = tiny_engine.session(system=system).send(
-        LINES[0], max_new_tokens=8, ignore_eos=True, seed=3, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05
-    )
+        LINES[0], max_new_tokens=8, ignore_eos=True, seed=3, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
+        repetition_penalty=1.1, repeat_last_n=64,
+    )  # fmt: skip
     assert expected != tiny_engine.session(system=system).send(LINES[0], max_new_tokens=8, ignore_eos=True)
     monkeypatch.setattr(sys, "stdin", io.StringIO(LINES[0] + "\n"))  # not a terminal: no prompt is shown
     cpu = ["--dtype", "float32", "--device", "cpu", "--no-compile", "--ignore-eos"]
@@ -204,7 +205,10 @@ def test_chat_samples_by_default_and_takes_the_aliases(capsys, monkeypatch, mode
     out, err = capsys.readouterr()
     assert status == 0, err
     assert out == expected + "\n"
-    assert "gemmalite: sampling: seed 3 (from the command line); temperature 0.8, top_k 40, top_p 0.95, min_p 0.05" in err
+    assert (
+        "gemmalite: sampling: seed 3 (from the command line); temperature 0.8, top_k 40, top_p 0.95, min_p 0.05, "
+        "repetition_penalty 1.1, repeat_last_n 64 (gemmalite's defaults"
+    ) in err
 
 
 @pytest.mark.parametrize("flag, value, word", [("--repeat-penalty", "0", "repetition_penalty"), ("--temp", "-1", "temperature")])

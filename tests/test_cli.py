@@ -384,7 +384,7 @@ def test_penalties_pass_through(capsys, model, tiny_engine):
 
 # ------------------------------------------------------------------ sampling defaults
 CPU = ["--dtype", "float32", "--device", "cpu", "--no-compile"]  # BASE without --temperature 0
-CLI_DEFAULTS = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
+CLI_DEFAULTS = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repetition_penalty=1.1, repeat_last_n=64)
 
 
 def test_sampling_defaults_when_the_checkpoint_has_none(capsys, model, tiny_engine):
@@ -397,18 +397,21 @@ def test_sampling_defaults_when_the_checkpoint_has_none(capsys, model, tiny_engi
     assert out == tiny_engine.generate(PROMPT, max_new_tokens=20, ignore_eos=True, seed=7, **CLI_DEFAULTS)
     assert out != greedy
     assert (
-        "gemmalite: sampling: seed 7 (from the command line); temperature 0.8, top_k 40, top_p 0.95, min_p 0.05 "
-        "(gemmalite's defaults, as the checkpoint sets none); --temperature 0 for greedy\n"
+        "gemmalite: sampling: seed 7 (from the command line); temperature 0.8, top_k 40, top_p 0.95, min_p 0.05, "
+        "repetition_penalty 1.1, repeat_last_n 64 (gemmalite's defaults, as the checkpoint sets none); --temperature 0 for greedy\n"
     ) in err
 
+    # --temperature 0 is greedy; the default repetition penalty stays, as any other default does.
     status, out, err = run(capsys, *args, "--temperature", 0)
+    assert status == 0 and out == tiny_engine.generate(PROMPT, max_new_tokens=20, ignore_eos=True, repetition_penalty=1.1, repeat_last_n=64)
+    assert "gemmalite: sampling: greedy, seed 7 (from the command line); repetition_penalty 1.1, repeat_last_n 64 (gemmalite's" in err
+    status, out, err = run(capsys, *args, "--temperature", 0, "--repeat-penalty", 1)
     assert status == 0 and out == greedy
-    assert "gemmalite: sampling: greedy, seed 7 (from the command line)\n" in err
 
     # A flag replaces one default and keeps the others.
     status, out, err = run(capsys, *args, "--top-k", 5, "--min-p", 0)
     assert out == tiny_engine.generate(PROMPT, max_new_tokens=20, ignore_eos=True, seed=7, **{**CLI_DEFAULTS, "top_k": 5, "min_p": 0})
-    assert "sampling: top_k 5, seed 7 (from the command line); temperature 0.8, top_p 0.95 (gemmalite's defaults" in err
+    assert "sampling: top_k 5, seed 7 (from the command line); temperature 0.8, top_p 0.95, repetition_penalty 1.1, repeat_last_n 64 (gemmalite's defaults" in err
 
     status, _, err = run(capsys, *args, "-q")
     assert status == 0 and err == ""

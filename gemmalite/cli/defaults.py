@@ -8,8 +8,10 @@ checkpoint sets no sampling, `gemmalite` and `gemmalite chat` sample, with llama
 temperature 0.8, top_k 40, top_p 0.95, min_p 0.05. A GGUF then gets the settings llama-cli gives
 it, and in samples from Gemma 3 270M these read more coherently than Gemma's own recommendation
 (temperature 1.0, top_k 64, top_p 0.95: what Google's checkpoints on the Hub ship, and what is
-used whenever a checkpoint has it). No repetition penalty: llama.cpp's default is off too, and
-ours (transformers' rule) counts the whole prompt. Flags always win, one by one; --temperature 0
+used whenever a checkpoint has it). Sampling alone still lets the base 270M loop: with seed 1
+it repeated one sentence to the token limit. So these defaults add a repetition penalty of 1.1
+over the last 64 tokens (ollama's defaults): tried on the README's prompt, it read well and the
+loop was gone (figures in docs/benchmarks.md). Flags always win, one by one; --temperature 0
 is greedy.
 """
 
@@ -20,7 +22,7 @@ from dataclasses import replace
 from ..options import GenerationOptions
 from ..sampling import SamplingSettings
 
-CLI_SAMPLING = SamplingSettings(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
+CLI_SAMPLING = SamplingSettings(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repetition_penalty=1.1, repeat_last_n=64)
 FROM_CHECKPOINT = "the checkpoint's generation_config.json"
 FROM_CLI = "gemmalite's defaults, as the checkpoint sets none"
 NAMES = (

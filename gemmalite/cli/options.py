@@ -64,7 +64,8 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "generation",
         "Sampling values not given take the checkpoint's generation_config.json; when it has none,\n"
-        "temperature 0.8, top_k 40, top_p 0.95 and min_p 0.05 (as llama-cli). --temperature 0 is greedy.",
+        "temperature 0.8, top_k 40, top_p 0.95 and min_p 0.05 (as llama-cli), with a repetition penalty of 1.1\n"
+        "over the last 64 tokens (as ollama). --temperature 0 is greedy.",
     )
     add = group.add_argument
     add("-n", "--max-new-tokens", "--max-tokens", type=count, metavar="N", help="most tokens to generate (default: 256)")
