@@ -108,17 +108,29 @@ def run(args: argparse.Namespace) -> int:
     check_model_args(args)
     if not 0 <= args.port <= 65535:
         raise InvalidArgumentError(f"--port must be in [0, 65535], got {args.port}")
+    key = api_key(args)
     sock = listen(args.host, args.port)  # before loading: a port in use fails at once
     try:
-        return serve(args, uvicorn, sock, defaults)
+        return serve(args, uvicorn, sock, defaults, key)
     finally:
         sock.close()
 
 
-def serve(args, uvicorn, sock: socket.socket, defaults) -> int:
+def api_key(args) -> str | None:
+    """The key from --api-key, else from the environment; an empty one is a mistake, not "no key"."""
+    if args.api_key is not None:
+        if not args.api_key.strip():
+            raise InvalidArgumentError("--api-key is empty; give a key, or leave the flag out to serve without one")
+        return args.api_key
+    key = os.environ.get(API_KEY_ENV)
+    if key is not None and not key.strip():
+        raise InvalidArgumentError(f"{API_KEY_ENV} is set but empty; set a key, or unset it to serve without one")
+    return key
+
+
+def serve(args, uvicorn, sock: socket.socket, defaults, key: str | None) -> int:
     from ..serve.app import create_app
 
-    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     app = create_app(
         model=args.model or "google/gemma-3-270m", defaults=defaults, api_key=key, cors_origins=tuple(args.cors_origin),
         timeout=args.timeout, log_format=None if args.quiet else args.log_format,
