@@ -129,6 +129,7 @@ def main() -> int:
     parser.add_argument("--reply-tokens", type=int, default=24, help="tokens per conversation reply (default 24)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds; the best of them is kept (default 2)")
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--no-conversation", dest="conversation", action="store_false", help="skip the conversation")
     parser.add_argument("--no-lone-baseline", dest="lone_baseline", action="store_false",
                         help="do not start a 1-slot server to compare a lone request with")  # fmt: skip
     args = parser.parse_args()
@@ -157,12 +158,13 @@ def main() -> int:
                           file=sys.stderr, flush=True)  # fmt: skip
             rows = []
             for n in [int(c) for c in args.clients.split(",")]:
-                runs = [concurrent(client, n, args.tokens, r) for r in range(args.repeats)]
-                if n == 1 and alone_on_many is not None:
-                    runs.append(alone_on_many)
+                if n == 1 and alone_on_many is not None:  # measured already, alternating with the 1-slot server
+                    runs = [alone_on_many]
+                else:
+                    runs = [concurrent(client, n, args.tokens, r) for r in range(args.repeats)]
                 rows.append(max(runs, key=lambda r: r["tok_s"]))
                 print(f"{n} clients: {rows[-1]['tok_s']:.2f} tok/s", file=sys.stderr, flush=True)
-            turns = [conversation(client, args.reply_tokens, take) for take in range(args.repeats)]
+            turns = [conversation(client, args.reply_tokens, take) for take in range(args.repeats if args.conversation else 0)]
             health = client.get("/health").json()
     finally:
         for proc, _ in procs:
@@ -178,11 +180,12 @@ def main() -> int:
     if lone is not None:
         print(f"\na lone request (best of {args.repeats}, alternating): {alone_on_many['tok_s']:.2f} tok/s on {health['slots']} slots, "
               f"{lone['tok_s']:.2f} tok/s on 1 slot: {alone_on_many['tok_s'] / lone['tok_s']:.2f}x")  # fmt: skip
-    reuse = statistics.median(t["ttft_reuse_s"] for t in turns)
-    fresh = statistics.median(t["ttft_fresh_s"] for t in turns)
-    t = turns[-1]
-    print(f"\nfourth turn ({t['prompt_tokens']} prompt tokens, {t['cached_tokens']} cached): time to first token "
-          f"{reuse:.2f} s with reuse, {fresh:.2f} s without: {fresh / reuse:.1f}x sooner (median of {len(turns)})")  # fmt: skip
+    if turns:
+        reuse = statistics.median(t["ttft_reuse_s"] for t in turns)
+        fresh = statistics.median(t["ttft_fresh_s"] for t in turns)
+        t = turns[-1]
+        print(f"\nfourth turn ({t['prompt_tokens']} prompt tokens, {t['cached_tokens']} cached): time to first token "
+              f"{reuse:.2f} s with reuse, {fresh:.2f} s without: {fresh / reuse:.1f}x sooner (median of {len(turns)})")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             figures = {"clients": rows, "lone_on_one_slot": lone, "conversation": turns, "url": url, "cpu_count": os.cpu_count()}
