@@ -6,9 +6,18 @@ its own. Each turn of the loop:
 1. admit: waiting requests take free slots, first come first served;
 2. prefill: new prompts, oldest first (all of them when no one is decoding, else at most
    PREFILL_BUDGET tokens, so the others wait one chunk at most);
-3. decode: one step for the whole batch. Rows with no request in flight are frozen (inactive),
-   so the step always has the same shape and compiles once per sampling kind;
+3. decode: one step for the rows in flight, sized to them (see below);
 4. hand each request its new token, and free the slots that finished or were cancelled.
+
+A step sized to the busy rows. The step decodes the first B rows of the cache, B the smallest of
+a few batch sizes (1, 2, 4, 8 ... up to `parallel`, see batch_sizes) that covers the decoding
+rows, so a lone request pays for one row, and each size compiles once per sampling kind. Rows in
+that range with nothing to decode are frozen (inactive). Decoding rows are kept packed low: a
+prompt whose slot lies above the size it needs is copied from the staging cache into a free row
+below instead (that row's cache moves up, in exchange: one extra copy); and when requests end
+and a smaller size would do, a decoding row above it swaps with a free row below (three copies,
+through the staging cache, so only while no prompt is in it). Moving a row changes no token: a
+row's position in the batch plays no part in what it computes.
 
 Prompts are prefilled in a one-row staging cache, then copied into their slot's row: a prefill
 pads every row of a batch to the longest chunk, so one prompt prefilled in a batch of 8 would
@@ -39,8 +48,9 @@ from __future__ import annotations
 import itertools
 import sys
 import threading
+import time
 import traceback
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 
 import torch
@@ -68,6 +78,14 @@ from .slots import Request, Slot
 PREFILL_BUDGET = PREFILL_CHUNK  # prompt tokens prefilled between two decode steps while others decode
 
 
+def batch_sizes(parallel: int) -> list[int]:
+    """The batch sizes a decode step may take: powers of two below `parallel`, then `parallel`."""
+    sizes = [1]
+    while sizes[-1] * 2 < parallel:
+        sizes.append(sizes[-1] * 2)
+    return sizes if sizes[-1] == parallel else [*sizes, parallel]
+
+
 class Scheduler:
     """The slots, the waiting line, and the loop that prefills and decodes them (see the module doc)."""
 
@@ -87,11 +105,19 @@ class Scheduler:
         self.sampler = sampler_state(neutral, parallel, device, keys=[0] * parallel)
         self.penalties = penalties(neutral, [[]] * parallel, engine.config.vocab_size, device)
         self.eos = self.runner.eos_tensor(())  # the step's own eos test is unused: stops are per request
+        # The first n rows of the cache, the sampler and the penalties, for a step of batch size n:
+        # views, made once, so that a compiled step sees the same tensors every time.
+        self.sizes = batch_sizes(parallel)
+        self._leading = {
+            n: (self.cache.leading_rows(n), _leading(self.sampler, n), _leading(self.penalties, n)) for n in self.sizes
+        }
+        self.decode_steps: Counter[int] = Counter()  # steps run, by batch size (the server's metrics read it)
         self._waiting: deque[Request] = deque()
         self._filling: Slot | None = None  # the slot whose prompt is in the staging cache
         self._clock = itertools.count(1)
         self._cond = threading.Condition()
         self._closed = False
+        self._draining = False
         self._thread: threading.Thread | None = None
 
     @property
@@ -105,23 +131,36 @@ class Scheduler:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop the loop; requests still waiting or in flight get an error."""
+        """Stop the loop; requests still waiting or in flight end at once, with finish_reason "abort"."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        error = GemmaliteError("the server is shutting down")
-        for request in [*self._waiting, *(s.request for s in self.slots if s.request is not None)]:
-            self._send(request, error)
-        self._waiting.clear()
-        for slot in self.slots:
-            slot.release()
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+            ended = [(s.request, s.result) for s in self.slots if s.request is not None]
+            for slot in self.slots:
+                slot.release()
+        for request in waiting:
+            ended.append((request, RowResult.for_prompt(request.prompt, None, False)))
+        for request, result in ended:
+            self._send(request, result.last_chunk("abort"))
+
+    def drain(self, timeout: float, interrupt: threading.Event | None = None) -> None:
+        """Refuse new requests, give those accepted up to `timeout` seconds (or until `interrupt`) to
+        finish, then close: the rest end with finish_reason "abort"."""
+        with self._cond:
+            self._draining = True
+        deadline = time.monotonic() + timeout
+        while self._has_work() and time.monotonic() < deadline and not (interrupt and interrupt.is_set()):
+            time.sleep(0.02)
+        self.close()
 
     def submit(self, request: Request) -> None:
         """Queue a request; QueueFullError when every slot is busy and the waiting line is full."""
         with self._cond:
-            if self._closed:
+            if self._closed or self._draining:
                 raise GemmaliteError("the server is shutting down")
             free = sum(s.request is None for s in self.slots)
             if len(self._waiting) >= free + self.max_queue:
@@ -145,15 +184,22 @@ class Scheduler:
         }
 
     def warm_up(self, settings: Sequence[SamplingSettings] = (SamplingSettings(),)) -> None:
-        """Compile the prefill and the decode step for these sampling settings (before start())."""
+        """Compile the prefill and the decode step at every batch size for these sampling settings (before start())."""
         bos = self.engine.config.bos_token_id
         for s in settings:
             sampling = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p)
             options = GenerationOptions(max_new_tokens=2, ignore_eos=True, **sampling)
-            self._waiting.append(Request([bos], options, deliver=lambda _: None, reuse=False))
-            while self._has_work():
-                self.step()
+            for n in self.sizes:  # n requests at once: prefilled together, then one step of batch size n
+                self._waiting.extend(Request([bos], options, deliver=lambda _: None, reuse=False) for _ in range(n))
+                while self._has_work():
+                    self.step()
         self.cache.reset()
+        self.decode_steps.clear()
+
+    def cache_usage(self) -> float:
+        """The part of the cache's token capacity that requests in flight hold, in [0, 1]."""
+        held = sum(int(self.cache.lengths[s.row]) for s in self.slots if s.request is not None)
+        return held / (self.parallel * self.engine.max_seq_len)
 
     # ------------------------------------------------------------------ the loop
     def _has_work(self) -> bool:
@@ -280,7 +326,7 @@ class Scheduler:
             slot.pending = slot.pending[len(chunk) :]
             if slot.pending:
                 return
-            self.cache.copy_row(slot.row, self.staging, 0)
+            self._place(slot)
             self._filling = None
             token, chosen = self._first_token(slot, logits)
         except Exception as error:
@@ -302,25 +348,61 @@ class Scheduler:
         chosen = logprobs(logits, token, MAX_LOGPROBS) if slot.top is not None else None
         return int(token[0]), None if chosen is None else [t[0].tolist() for t in chosen]
 
+    def _size_for(self, rows: int) -> int:
+        return next(n for n in self.sizes if n >= rows)
+
+    def _place(self, slot: Slot) -> None:
+        """Copy a prefilled prompt from the staging cache into its slot's row, or into a free row
+        below the batch size the decoding rows will need when its own is above it."""
+        size = self._size_for(1 + sum(s.decoding for s in self.slots))
+        free = [s for s in self.slots if s.request is None and s.row < size]
+        if slot.row >= size and free:
+            into = min(free, key=lambda s: s.last_used)
+            self.cache.copy_row(slot.row, self.cache, into.row)  # the free slot's cache moves up
+            self._exchange(slot, into)
+        self.cache.copy_row(slot.row, self.staging, 0)
+
+    def _pack(self, rows: list[Slot]) -> int:
+        """The batch size for a step of these decoding rows, after moving those above the smallest
+        size that could hold them into free rows below it (only while the staging cache is free)."""
+        size = self._size_for(len(rows))
+        if self._filling is None:
+            free = sorted((s for s in self.slots if s.request is None and s.row < size), key=lambda s: s.row)
+            for slot, into in zip([s for s in rows if s.row >= size], free):
+                self.cache.swap_rows(slot.row, into.row, self.staging)
+                self._exchange(slot, into)
+        return self._size_for(1 + max(s.row for s in rows))
+
+    def _exchange(self, a: Slot, b: Slot) -> None:
+        """Swap two slots' rows: their sampling and penalty settings, and their row numbers."""
+        for t in (*self.sampler, *self.penalties):
+            t[[a.row, b.row]] = t[[b.row, a.row]]
+        a.row, b.row = b.row, a.row
+
     def _decode(self) -> None:
-        """One decode step for every row in flight; the rest are frozen."""
+        """One decode step for every row in flight, at the smallest batch size that holds them."""
         rows = [s for s in self.slots if s.decoding]
         if not rows:
             return
         try:
-            active = torch.zeros(self.parallel, dtype=torch.bool)
-            tokens = torch.zeros(self.parallel, dtype=torch.long)
+            size = self._pack(rows)
+            cache, sampler_rows, penalties = self._leading[size]
+            active = torch.zeros(size, dtype=torch.bool)
+            tokens = torch.zeros(size, dtype=torch.long)
             for s in rows:
                 active[s.row], tokens[s.row] = True, s.last
             device = self.runner.device
             active, tokens = active.to(device), tokens.to(device)
             kind = sampling_kind([s.settings for s in rows])
-            sampler: SamplerState | None = None if kind == GREEDY else self.sampler
+            sampler: SamplerState | None = None if kind == GREEDY else sampler_rows
             with_logprobs = any(s.top is not None for s in rows)
+            cache.high = self.cache.high
             with torch.no_grad(), self.runner.lock:
-                step = self.runner.step(self.cache, tokens, active, sampler, self.penalties, self.eos, kind, with_logprobs)
+                step = self.runner.step(cache, tokens, active, sampler, penalties, self.eos, kind, with_logprobs)
                 tokens, _, chosen = step
-                count_tokens(self.penalties, tokens, active)
+                count_tokens(penalties, tokens, active)
+            self.cache.high = cache.high
+            self.decode_steps[size] += 1
             tokens = tokens.tolist()  # the one host sync of a step
             chosen = None if chosen is None else [t.tolist() for t in chosen]
         except Exception as error:
@@ -374,3 +456,8 @@ class Scheduler:
     def _report(error: BaseException) -> None:
         if not isinstance(error, GemmaliteError):  # a bug, not a bad request: say where
             traceback.print_exception(error, file=sys.stderr)
+
+
+def _leading(state: SamplerState | Penalties, n: int):
+    """The first n rows of a SamplerState or Penalties, as views."""
+    return type(state)(*(t[:n] for t in state))

@@ -105,6 +105,27 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
+    def leading_rows(self, n: int) -> "KVCache":
+        """The first `n` rows as a cache of their own, on this cache's buffers (views, written in place).
+
+        A forward on it reads and writes only those rows, at the cost of `n`. The host-side books
+        (high, tokens, reached) are this cache's: whoever steps the view hands `high` back.
+        """
+        view = copy.copy(self)
+        view.batch_size = n
+        view.keys = [t[:n] for t in self.keys]
+        view.values = [t[:n] for t in self.values]
+        view.lengths = self.lengths[:n]
+        view.rows = self.rows[:n]
+        view._mark_static()
+        return view
+
+    def swap_rows(self, a: int, b: int, scratch: "KVCache") -> None:
+        """Exchange what rows `a` and `b` hold, through row 0 of `scratch` (a one-row cache)."""
+        scratch.copy_row(0, self, a)
+        self.copy_row(a, self, b)
+        self.copy_row(b, scratch, 0)
+
     def reset(self, row: int | None = None) -> None:
         """Empty every row, or one."""
         if row is None:

@@ -9,7 +9,10 @@ Each client streams a plain completion of --tokens tokens (greedy, eos ignored) 
 its own; aggregate tok/s is every client's tokens over the wall time from the first request to
 the last token. The conversation sends the whole message list each turn, as chat clients do; its
 fourth turn is timed once as sent (reusing the slot that served turn three) and once with
-`cache_prompt: false` (a full prefill). Prints a markdown table; --json writes the figures.
+`cache_prompt: false` (a full prefill). When it starts the server, it also starts a 1-slot
+server and times one client on each in turn, round after round (so a change in the machine's
+load hits both): a lone request on the N-slot server should decode about as fast, since the
+step is sized to the busy rows. Prints a markdown table; --json writes the figures.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ TOPICS = ["the sea", "mountains", "a city at night", "rivers", "the desert", "fo
 SENTENCE = "Write about {topic}. Describe the colours, the sounds and the people you would meet there, in detail. "
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "gemmalite.cli", "serve", "--port", "0", "--parallel", str(args.parallel), "--device", "cpu"]
+def start_server(args, parallel: int) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "gemmalite.cli", "serve", "--port", "0", "--parallel", str(parallel), "--device", "cpu"]
     if args.model:
         cmd += ["--model", args.model]
     cmd += shlex.split(args.server_args)
@@ -126,24 +129,45 @@ def main() -> int:
     parser.add_argument("--reply-tokens", type=int, default=24, help="tokens per conversation reply (default 24)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds; the best of them is kept (default 2)")
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--no-conversation", dest="conversation", action="store_false", help="skip the conversation")
+    parser.add_argument("--no-lone-baseline", dest="lone_baseline", action="store_false",
+                        help="do not start a 1-slot server to compare a lone request with")  # fmt: skip
     args = parser.parse_args()
 
-    proc = None
+    procs = []
     url = args.url
+    lone_url = None
     if url is None:
-        proc, url = start_server(args)
+        procs.append(start_server(args, args.parallel))
+        url = procs[-1][1]
+        if args.lone_baseline and args.parallel > 1:
+            procs.append(start_server(args, 1))
+            lone_url = procs[-1][1]
+    lone = alone_on_many = None
     try:
         with httpx.Client(base_url=url, timeout=3600, limits=httpx.Limits(max_connections=64)) as client:
             stream(client, "/v1/completions", {"prompt": "Warm up", "max_tokens": 4, "temperature": 0})
+            if lone_url is not None:
+                with httpx.Client(base_url=lone_url, timeout=3600) as single:
+                    stream(single, "/v1/completions", {"prompt": "Warm up", "max_tokens": 4, "temperature": 0})
+                    pairs = [(concurrent(single, 1, args.tokens, r), concurrent(client, 1, args.tokens, r)) for r in range(args.repeats)]
+                lone = max((p[0] for p in pairs), key=lambda r: r["tok_s"])
+                alone_on_many = max((p[1] for p in pairs), key=lambda r: r["tok_s"])
+                for one, many in pairs:
+                    print(f"a lone request: {many['tok_s']:.2f} tok/s on {args.parallel} slots, {one['tok_s']:.2f} on 1 slot",
+                          file=sys.stderr, flush=True)  # fmt: skip
             rows = []
             for n in [int(c) for c in args.clients.split(",")]:
-                runs = [concurrent(client, n, args.tokens, r) for r in range(args.repeats)]
+                if n == 1 and alone_on_many is not None:  # measured already, alternating with the 1-slot server
+                    runs = [alone_on_many]
+                else:
+                    runs = [concurrent(client, n, args.tokens, r) for r in range(args.repeats)]
                 rows.append(max(runs, key=lambda r: r["tok_s"]))
                 print(f"{n} clients: {rows[-1]['tok_s']:.2f} tok/s", file=sys.stderr, flush=True)
-            turns = [conversation(client, args.reply_tokens, take) for take in range(args.repeats)]
+            turns = [conversation(client, args.reply_tokens, take) for take in range(args.repeats if args.conversation else 0)]
             health = client.get("/health").json()
     finally:
-        if proc is not None:
+        for proc, _ in procs:
             proc.terminate()
             proc.wait()
 
@@ -153,14 +177,19 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['clients']} | {r['tok_s']:.2f} | {r['tok_s'] / base:.2f}x | {r['ttft_mean_s']:.2f} | {r['ttft_max_s']:.2f} |")
-    reuse = statistics.median(t["ttft_reuse_s"] for t in turns)
-    fresh = statistics.median(t["ttft_fresh_s"] for t in turns)
-    t = turns[-1]
-    print(f"\nfourth turn ({t['prompt_tokens']} prompt tokens, {t['cached_tokens']} cached): time to first token "
-          f"{reuse:.2f} s with reuse, {fresh:.2f} s without: {fresh / reuse:.1f}x sooner (median of {len(turns)})")  # fmt: skip
+    if lone is not None:
+        print(f"\na lone request (best of {args.repeats}, alternating): {alone_on_many['tok_s']:.2f} tok/s on {health['slots']} slots, "
+              f"{lone['tok_s']:.2f} tok/s on 1 slot: {alone_on_many['tok_s'] / lone['tok_s']:.2f}x")  # fmt: skip
+    if turns:
+        reuse = statistics.median(t["ttft_reuse_s"] for t in turns)
+        fresh = statistics.median(t["ttft_fresh_s"] for t in turns)
+        t = turns[-1]
+        print(f"\nfourth turn ({t['prompt_tokens']} prompt tokens, {t['cached_tokens']} cached): time to first token "
+              f"{reuse:.2f} s with reuse, {fresh:.2f} s without: {fresh / reuse:.1f}x sooner (median of {len(turns)})")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"clients": rows, "conversation": turns, "url": url, "cpu_count": os.cpu_count()}, f, indent=2)
+            figures = {"clients": rows, "lone_on_one_slot": lone, "conversation": turns, "url": url, "cpu_count": os.cpu_count()}
+            json.dump(figures, f, indent=2)
     return 0
 
 

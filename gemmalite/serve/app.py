@@ -3,8 +3,15 @@
 Each request is parsed and checked on the event loop (see protocol.py), then submitted to the
 scheduler, whose thread calls back with chunks; `loop.call_soon_threadsafe` moves each one into
 the request's asyncio queue. A streamed answer is server-sent events ending in `data: [DONE]`.
-However an answer ends (finished, failed, or the client went away), the request is cancelled in
-the scheduler, which frees its slot at the next step; cancelling a finished request does nothing.
+However an answer ends (finished, failed, timed out, or the client went away), the request is
+cancelled in the scheduler, which frees its slot at the next step; cancelling a finished request
+does nothing. A stream with nothing to say for KEEPALIVE_S seconds (a long prefill, a wait for a
+slot) sends an SSE comment, so that proxies do not cut it.
+
+The app lives through three states: "loading" (every route but /health and /metrics answers 503,
+and /health too), "ok", and "draining" once shutdown begins (new generations get 503 with
+Retry-After and /health says so, while those running finish). In front of the routes sit, from
+the outside in: CORS (when origins are given), the request log, and the API key check.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -28,23 +37,60 @@ from ..errors import GemmaliteError, InvalidArgumentError, QueueFullError
 from ..options import GenerationOptions
 from ..slots import Request
 from . import protocol
+from .auth import RequireKey
 from .protocol import Answer, APIError, Job
+from .requestlog import STATE_KEY, RequestLog, RequestRecord
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+KEEPALIVE_S = 15.0  # a stream with nothing to say for this long sends an SSE comment
+RETRY_AFTER_S = 5  # what a 503 asks for while the model loads or the server drains
 GONE = object()  # put in a request's queue when its client disconnects
+KEEP_ALIVE, TIMED_OUT = object(), object()  # what waiting for a request's next event may give instead
 
 
-def create_app(engine, scheduler: Scheduler, *, model: str, defaults: GenerationOptions | None = None) -> Starlette:
-    """The OpenAI-compatible app. `defaults`: options for fields a request leaves out (the server's flags)."""
-    api = API(engine, scheduler, model, defaults or GenerationOptions())
+def create_app(
+    engine=None,
+    scheduler: Scheduler | None = None,
+    *,
+    model: str,
+    defaults: GenerationOptions | None = None,
+    api_key: str | None = None,
+    cors_origins: tuple[str, ...] = (),
+    timeout: float | None = None,
+    keepalive_s: float = KEEPALIVE_S,
+    log_format: str | None = "text",
+    log_stream=None,
+) -> Starlette:
+    """The OpenAI-compatible app. `defaults`: options for fields a request leaves out (the server's flags).
+
+    Without `engine` the app starts "loading": hand it the engine and scheduler later with
+    `app.state.api.ready(engine, scheduler)`. `api_key`: required on every route but /health.
+    `timeout`: seconds a generation may take in all. `log_format`: "text", "json" or None (no log).
+    """
+    api = API(model, defaults or GenerationOptions(), timeout=timeout, keepalive_s=keepalive_s)
+    if engine is not None:
+        api.ready(engine, scheduler)
     routes = [
         Route("/v1/chat/completions", guarded(api.chat_completions), methods=["POST"]),
         Route("/v1/completions", guarded(api.completions), methods=["POST"]),
         Route("/v1/models", guarded(api.models), methods=["GET"]),
         Route("/v1/models/{name:path}", guarded(api.model), methods=["GET"]),
+        Route("/tokenize", guarded(api.tokenize), methods=["POST"]),
+        Route("/detokenize", guarded(api.detokenize), methods=["POST"]),
+        Route("/metrics", guarded(api.metrics_text), methods=["GET"]),
         Route("/health", guarded(api.health), methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    middleware = []  # the first is the outermost
+    if cors_origins:  # outside the key check: a browser's preflight carries no key
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                                     allow_headers=["Authorization", "Content-Type"]))  # fmt: skip
+    if log_format is not None:
+        middleware.append(Middleware(RequestLog, json_lines=log_format == "json", stream=log_stream))
+    if api_key:
+        middleware.append(Middleware(RequireKey, key=api_key))
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: http_error})
+    app.state.api = api
+    return app
 
 
 def guarded(endpoint):
@@ -73,9 +119,34 @@ async def http_error(request, exc: HTTPException) -> JSONResponse:
 
 
 class API:
-    def __init__(self, engine, scheduler: Scheduler, model: str, defaults: GenerationOptions):
-        self.engine, self.scheduler, self.model_name, self.defaults = engine, scheduler, model, defaults
+    def __init__(self, model: str, defaults: GenerationOptions, *, timeout: float | None, keepalive_s: float):
+        from .metrics import Metrics  # prometheus_client: part of the serve extra
+
+        self.engine, self.scheduler = None, None
+        self.model_name, self.defaults, self.timeout, self.keepalive_s = model, defaults, timeout, keepalive_s
         self.created = int(time.time())
+        self.state = "loading"
+        self.metrics = Metrics(model)
+
+    def ready(self, engine, scheduler: Scheduler) -> None:
+        """The model is loaded: start answering."""
+        self.engine, self.scheduler = engine, scheduler
+        self.metrics.scheduler = scheduler
+        self.state = "ok"
+
+    def drain(self) -> None:
+        """Shutdown has begun: refuse new generations (those running go on)."""
+        self.state = "draining"
+
+    def _unavailable(self, generation: bool = True) -> Response | None:
+        """The 503 for a request that cannot be taken now (None when it can)."""
+        if self.state == "loading":
+            error = APIError(503, "the model is still loading; try again shortly", code="model_loading")
+        elif self.state == "draining" and generation:
+            error = APIError(503, "the server is shutting down", code="server_shutting_down")
+        else:
+            return None
+        return error_response(error, headers={"Retry-After": str(RETRY_AFTER_S)})
 
     # ------------------------------------------------------------------ endpoints
     async def chat_completions(self, request: HTTPRequest) -> Response:
@@ -85,9 +156,11 @@ class API:
         return await self._generate(request, protocol.parse_completion)
 
     async def models(self, request: HTTPRequest) -> Response:
-        return JSONResponse({"object": "list", "data": [self._model_card()]})
+        return self._unavailable(False) or JSONResponse({"object": "list", "data": [self._model_card()]})
 
     async def model(self, request: HTTPRequest) -> Response:
+        if (refused := self._unavailable(False)) is not None:
+            return refused
         name = request.path_params["name"]
         if name != self.model_name:
             message = f"no model named {name!r}; this server has {self.model_name!r}"
@@ -95,7 +168,34 @@ class API:
         return JSONResponse(self._model_card())
 
     async def health(self, request: HTTPRequest) -> Response:
-        return JSONResponse({"status": "ok", **self.scheduler.status()})
+        """200 while serving; 503 while loading or draining, so that load balancers send nothing new."""
+        status = {"status": self.state, **(self.scheduler.status() if self.scheduler is not None else {})}
+        return JSONResponse(status, status_code=200 if self.state == "ok" else 503)
+
+    async def tokenize(self, request: HTTPRequest) -> Response:
+        """{"prompt"} or {"messages"} -> {"tokens", "count", "max_model_len"}: the ids a request would feed."""
+        if (refused := self._unavailable(False)) is not None:
+            return refused
+        try:
+            ids, names = protocol.parse_tokenize(protocol.parse_json(await read_body(request)), self.engine)
+        except APIError as e:
+            return error_response(e)
+        pieces = [self.engine.tokenizer.sp.id_to_piece(i) for i in ids] if names else None
+        return JSONResponse({"count": len(ids), "max_model_len": self.engine.max_seq_len, "tokens": ids, "token_strs": pieces})
+
+    async def detokenize(self, request: HTTPRequest) -> Response:
+        """{"tokens"} -> {"prompt"}: their text, as the engine's tokenizer reads them."""
+        if (refused := self._unavailable(False)) is not None:
+            return refused
+        try:
+            ids = protocol.parse_detokenize(protocol.parse_json(await read_body(request)), self.engine)
+        except APIError as e:
+            return error_response(e)
+        return JSONResponse({"prompt": self.engine.tokenizer.decode(ids)})
+
+    async def metrics_text(self, request: HTTPRequest) -> Response:
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
 
     def _model_card(self) -> dict:
         return {
@@ -108,6 +208,9 @@ class API:
 
     # ------------------------------------------------------------------ generation
     async def _generate(self, request: HTTPRequest, parse) -> Response:
+        arrived = time.perf_counter()
+        if (refused := self._unavailable()) is not None:
+            return refused
         try:
             job: Job = parse(protocol.parse_json(await read_body(request)), self.engine, self.defaults)
         except APIError as e:
@@ -116,8 +219,14 @@ class API:
             return error_response(APIError(400, str(e)))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        answer = Answer(job, self.model_name, self.engine.tokenizer)
+        record = RequestRecord(answer.id, len(job.prompt), arrived=arrived)
+        request.scope.setdefault("state", {})[STATE_KEY] = record
+        deadline = None if self.timeout is None else arrived + self.timeout
 
         def deliver(item):  # called from the scheduler's thread
+            if not isinstance(item, BaseException) and item.token_ids:
+                record.tokens(len(item.token_ids))
             loop.call_soon_threadsafe(events.put_nowait, item)
 
         task = Request(job.prompt, job.options, deliver, chat=job.chat, reuse=job.reuse)
@@ -126,35 +235,52 @@ class API:
         except QueueFullError as e:
             return error_response(APIError(503, str(e), code="server_overloaded"), headers={"Retry-After": "1"})
         except GemmaliteError as e:  # shutting down
-            return error_response(APIError(503, str(e), code="server_shutting_down"))
-        answer = Answer(job, self.model_name, self.engine.tokenizer)
+            return error_response(APIError(503, str(e), code="server_shutting_down"), headers={"Retry-After": str(RETRY_AFTER_S)})
+
+        def end(item=None) -> None:  # however the answer ends: free the slot, count the request
+            self.scheduler.cancel(task)
+            last = item if item is not None and not isinstance(item, BaseException) and item.finish_reason else None
+            if record.end(last.finish_reason if last else None, last.usage if last else None):
+                self.metrics.observe(record)
+
         if job.stream:
-            return EventStream(self._events(answer, events), on_close=lambda: self.scheduler.cancel(task))
+            return EventStream(self._events(answer, events, deadline, end), on_close=end)
         watcher = asyncio.create_task(_watch_disconnect(request, events))
         try:
             pieces = []
             while not (pieces and pieces[-1].finish_reason):
-                item = await events.get()
+                item = await self._next_event(events, deadline)
+                if item is TIMED_OUT:
+                    return error_response(self._timed_out())
                 if item is GONE:
                     return Response(status_code=499)  # nobody is listening; a status for the log
                 if isinstance(item, BaseException):
                     return error_response(protocol.error_for(item))
                 pieces.append(item)
+            end(pieces[-1])
             return JSONResponse(answer.whole(pieces))
         finally:
             watcher.cancel()
-            self.scheduler.cancel(task)
+            end()
 
-    async def _events(self, answer: Answer, events: asyncio.Queue) -> AsyncIterator[str]:
+    async def _events(self, answer: Answer, events: asyncio.Queue, deadline: float | None, end) -> AsyncIterator[str]:
         first = answer.first_chunk()
         if first is not None:
             yield _sse(first)
         while True:
-            item = await events.get()
+            item = await self._next_event(events, deadline, self.keepalive_s)
+            if item is KEEP_ALIVE:
+                yield ": keep-alive\n\n"
+                continue
+            if item is TIMED_OUT:
+                end()
+                yield _sse(self._timed_out().body())
+                break
             if isinstance(item, BaseException):  # too late for a status: the error goes in the stream
                 yield _sse(protocol.error_for(item).body())
                 break
             if item.finish_reason:
+                end(item)
                 for body in answer.last_chunks(item):
                     yield _sse(body)
                 break
@@ -162,6 +288,25 @@ class API:
             if body is not None:
                 yield _sse(body)
         yield "data: [DONE]\n\n"
+
+    @staticmethod
+    async def _next_event(events: asyncio.Queue, deadline: float | None, keepalive: float | None = None):
+        """The request's next event; TIMED_OUT past the deadline, KEEP_ALIVE after `keepalive` s of silence."""
+        wait = keepalive
+        if deadline is not None:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return TIMED_OUT
+            wait = left if wait is None else min(wait, left)
+        if wait is None:
+            return await events.get()
+        try:
+            return await asyncio.wait_for(events.get(), wait)
+        except asyncio.TimeoutError:
+            return TIMED_OUT if deadline is not None and time.perf_counter() >= deadline else KEEP_ALIVE
+
+    def _timed_out(self) -> APIError:
+        return APIError(504, f"the request took longer than this server's --timeout of {self.timeout:g} s", code="timeout")
 
 
 class EventStream(StreamingResponse):

@@ -170,8 +170,17 @@ def _job(body: dict, engine, defaults: GenerationOptions, prompt: list[int], *, 
     }
     merged = {f.name: getattr(defaults, f.name) for f in fields(GenerationOptions)}
     merged.update({name: value for name, value in given.items() if value is not None})
+    room = engine.max_seq_len - len(prompt)
+    if max_tokens is not None and max_tokens > room:  # refused, as vLLM does, rather than cut short unasked
+        raise APIError(
+            400,
+            f"max_tokens is {max_tokens}, but the prompt has {len(prompt)} tokens and this server's context is "
+            f"{engine.max_seq_len} tokens: at most {room} new tokens fit",
+            param="max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens",
+            code="context_length_exceeded",
+        )
     if merged["max_new_tokens"] is None:  # as OpenAI and vLLM: until the context is full
-        merged["max_new_tokens"] = engine.max_seq_len - len(prompt)
+        merged["max_new_tokens"] = room
     if given["logprobs"] is None:
         merged["logprobs"] = None
     try:
@@ -229,6 +238,42 @@ def _check_length(engine, prompt: list[int], param: str) -> list[int]:
             code="context_length_exceeded",
         )
     return prompt
+
+
+# ---------------------------------------------------------------------- tokenize
+def parse_tokenize(body: dict, engine) -> tuple[list[int], bool]:
+    """The ids of {"prompt"} or {"messages"} as a request would send them, and whether to name them
+    (`return_token_strs`). `add_special_tokens: false` leaves <bos> out of a prompt."""
+    names = bool(_get(body, "return_token_strs", bool))
+    if "messages" in body:
+        if "prompt" in body:
+            raise APIError(400, "give prompt or messages, not both", param="messages")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
+        if _get(body, "add_generation_prompt", bool) is False:
+            raise APIError(400, "add_generation_prompt: false is not supported", param="add_generation_prompt")
+        try:
+            text = chat_messages_prompt([_message(m, i) for i, m in enumerate(messages)])
+        except InvalidArgumentError as e:
+            raise APIError(400, str(e), param="messages") from None
+        return engine.encode(text), names
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise APIError(400, "prompt must be a string (or send messages)", param="prompt")
+    ids = engine.encode(prompt)
+    return (ids if _get(body, "add_special_tokens", bool) is not False else ids[1:]), names
+
+
+def parse_detokenize(body: dict, engine) -> list[int]:
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in tokens):
+        raise APIError(400, "tokens must be a list of token ids", param="tokens")
+    try:
+        engine.check_ids(tokens)
+    except InvalidArgumentError as e:
+        raise APIError(400, str(e), param="tokens") from None
+    return tokens
 
 
 # ---------------------------------------------------------------------- responses
