@@ -121,7 +121,7 @@ class Engine:
         done = [r.result(reason) for r, reason in zip(results, stats.finish_reasons)]
         stats.finish_reasons[:] = [c.finish_reason for c in done]
         for row, completion in enumerate(done):
-            _prediction_usage(completion.usage, stats, row, opts)
+            _prediction_usage(completion.usage, stats, completion.token_ids, opts)
         return done[0] if single else done
 
     def complete_stream(
@@ -277,7 +277,7 @@ class Engine:
             last = result.last_chunk(stats.finish_reasons[0] if stats.finish_reasons else None)
             if stats.finish_reasons:
                 stats.finish_reasons[0] = last.finish_reason
-            _prediction_usage(last.usage, stats, 0, options)
+            _prediction_usage(last.usage, stats, result.token_ids, options)
             yield last
         finally:
             steps.close()
@@ -365,12 +365,10 @@ def _refuse(options: dict, name: str, message: str) -> None:
         raise InvalidArgumentError(message)
 
 
-def _prediction_usage(usage, stats: Stats, row: int, options: GenerationOptions) -> None:
-    """With prediction=: how many predicted tokens the reply kept, and how many it did not."""
-    if options.prediction is None or stats.accepted_prediction_tokens is None:
-        return
-    usage.accepted_prediction_tokens = stats.accepted_prediction_tokens[row]
-    usage.rejected_prediction_tokens = stats.rejected_prediction_tokens[row]
+def _prediction_usage(usage, stats: Stats, tokens: list[int], options: GenerationOptions) -> None:
+    """With prediction=: how many predicted tokens the reply has, in order, and how many it has not."""
+    if options.prediction is not None and stats.prediction is not None:
+        usage.accepted_prediction_tokens, usage.rejected_prediction_tokens = speculative.prediction_usage(stats.prediction, tokens)
 
 
 def _row_logprobs(block: Block, row: int) -> tuple:

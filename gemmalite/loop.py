@@ -33,8 +33,7 @@ class Stats:
     # Speculative decoding (speculative.py): tokens drafted, and drafted tokens the target kept.
     draft_tokens: list[int] = field(default_factory=list)
     accepted_tokens: list[int] = field(default_factory=list)
-    accepted_prediction_tokens: list[int] | None = None  # with prediction=: of the predicted tokens, kept
-    rejected_prediction_tokens: list[int] | None = None  # and the rest of them
+    prediction: tuple[int, ...] | None = None  # with prediction=: its token ids
 
     @property
     def acceptance_rate(self) -> float | None:

@@ -37,7 +37,7 @@ class GenerationOptions:
     # Speculative decoding (speculative.py): same tokens, fewer target forwards when drafts agree.
     speculative: str | None = None  # "lookup", "draft" or "off"; None: "draft" when a draft is loaded
     num_draft_tokens: int | None = None  # most tokens drafted per forward; None: the drafter's default
-    prediction: str | None = None  # the caller's guess of the reply, drafted from (Predicted Outputs)
+    prediction: str | tuple[int, ...] | None = None  # the caller's guess of the reply (Predicted Outputs)
 
     def __post_init__(self):
         n = self.max_new_tokens
@@ -54,8 +54,11 @@ class GenerationOptions:
         k = self.num_draft_tokens
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_DRAFT_TOKENS):
             raise InvalidArgumentError(f"num_draft_tokens must be an integer in [0, {MAX_DRAFT_TOKENS}], got {k!r}")
-        if self.prediction is not None and not isinstance(self.prediction, str):
-            raise InvalidArgumentError(f"prediction must be a string (the expected reply), got {type(self.prediction).__name__}")
+        guess = self.prediction
+        if isinstance(guess, list):
+            object.__setattr__(self, "prediction", guess := tuple(guess))
+        if guess is not None and not isinstance(guess, str) and not (isinstance(guess, tuple) and all(isinstance(i, int) for i in guess)):
+            raise InvalidArgumentError(f"prediction must be the expected reply, as text or token ids; got {type(guess).__name__}")
         # Check the sampling values now, with neutral stand-ins for what is left to the defaults.
         self.sampling(SamplingSettings())
 

@@ -68,14 +68,6 @@ def verify_chunk(model: Gemma3, cache: KVCache, ids: torch.Tensor, n_new: torch.
     return model(ids, cache, n_new=n_new, span=span)
 
 
-def verify_bucket(length: int, longest: int) -> int:
-    """The padded length of a compiled verify chunk: one more than a power of two (2, 3, 5, 9, ...)."""
-    bucket = 2
-    while bucket < length:
-        bucket = 2 * bucket - 1
-    return min(bucket, longest)
-
-
 def prefill_bucket(length: int, width: int) -> int:
     """The padded length of a compiled prefill chunk: a power of two from 16, or the full width."""
     bucket = 16
@@ -284,21 +276,20 @@ class Runner:
         return tokens.clone(), active.clone(), None if chosen is None else tuple(t.clone() for t in chosen)
 
     @torch.no_grad()
-    def verify(self, cache: KVCache, ids: torch.Tensor, n_new: torch.Tensor) -> torch.Tensor:
+    def verify(self, cache: KVCache, ids: torch.Tensor, n_new: torch.Tensor, width: int) -> torch.Tensor:
         """Feed a chunk [B, T] (row b: n_new[b] real tokens) in one forward; logits [B, T, vocab].
 
-        Compiled, chunks are padded to a few lengths (verify_bucket): one graph per batch size,
-        length and span. See speculative.py.
+        Compiled, chunks are padded to `width` (1 + the call's most draft tokens): one graph per
+        batch size, width and span. See speculative.py.
         """
         length = ids.shape[1]
-        if length > cache.longest_chunk:
+        if max(length, width if self.compiled else 0) > cache.longest_chunk:
             raise InvalidArgumentError(
                 f"{length - 1} draft tokens do not fit in one verification chunk of this cache "
                 f"(at most {cache.longest_chunk - 1}); ask for fewer draft tokens"
             )
         if self.compiled:
-            padded = verify_bucket(length, cache.longest_chunk)
-            ids = torch.cat([ids, ids.new_zeros(ids.shape[0], padded - length)], 1)
+            ids = torch.cat([ids, ids.new_zeros(ids.shape[0], width - length)], 1)
             if self.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()
         cache.high = min(cache.high + length, cache.max_seq_len)

@@ -35,6 +35,7 @@ draft in any row is a plain decode step, so speculation costs little where it do
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -121,12 +122,21 @@ def plan(engine, options) -> Plan | None:
         )
     if k == 0:
         return None
-    prediction = ()
-    if options.prediction is not None:
+    prediction = options.prediction or ()
+    if isinstance(prediction, str):
         if engine.tokenizer is None:
-            raise InvalidArgumentError("prediction= is text: this checkpoint has no tokenizer.model")
-        prediction = tuple(engine.tokenizer.encode(options.prediction, bos=False))
-    return Plan(source, k, kind, prediction)
+            raise InvalidArgumentError("a text prediction needs a tokenizer.model; this checkpoint has none (give token ids)")
+        prediction = engine.tokenizer.encode(prediction, bos=False)
+    else:
+        engine.check_ids(list(prediction))
+    return Plan(source, k, kind, tuple(prediction))
+
+
+def prediction_usage(prediction: Sequence[int], reply: Sequence[int]) -> tuple[int, int]:
+    """(accepted, rejected) predicted tokens: those that appear in the reply, in order, and the rest."""
+    matcher = difflib.SequenceMatcher(None, list(prediction), list(reply), autojunk=False)
+    accepted = sum(block.size for block in matcher.get_matching_blocks())
+    return accepted, len(prediction) - accepted
 
 
 # ---------------------------------------------------------------------- drafters
@@ -155,22 +165,26 @@ class PredictionDrafter:
 
     def __init__(self, prediction: Sequence[int], batch_size: int):
         self.prediction = list(prediction)
-        self.cursor = [0] * batch_size  # where in the prediction each row's reply last matched
+        # Per row: (reply index, prediction index) known to line up; the reply has matched since.
+        self.anchors = [(0, 0)] * batch_size
 
     def draft(self, row: int, reply: Sequence[int], k: int) -> list[int]:
-        """Up to k predicted tokens that follow the reply, matched by its last n-gram, longest first."""
+        """Up to k predicted tokens that follow the reply: straight on while it follows the
+        prediction, else from where its last n-gram (longest first) next occurs in it."""
         p = self.prediction
-        for n in range(min(PREDICTION_NGRAM, len(reply)), 0, -1):
+        reply_at, predicted_at = self.anchors[row]
+        followed = len(reply) - reply_at
+        if list(reply[reply_at:]) == p[predicted_at : predicted_at + followed]:
+            return p[predicted_at + followed : predicted_at + followed + k]
+        for n in range(min(PREDICTION_NGRAM, len(reply), len(p)), 0, -1):
             suffix = torch.as_tensor(reply[-n:], dtype=torch.long)
-            if len(p) < n:
-                continue
             ends = ((torch.as_tensor(p).unfold(0, n, 1) == suffix).all(-1).nonzero()[:, 0] + n).tolist()
             ends = [e for e in ends if e < len(p)]
             if ends:
-                # The first match at or after the cursor: the reply moves forward through the prediction.
-                ahead = [e for e in ends if e >= self.cursor[row]]
+                # The first match ahead of the last anchor: the reply moves forward through the prediction.
+                ahead = [e for e in ends if e >= predicted_at]
                 end = ahead[0] if ahead else ends[-1]
-                self.cursor[row] = end
+                self.anchors[row] = (len(reply), end)
                 return p[end : end + k]
         return []
 
@@ -270,11 +284,8 @@ class Speculation:
         self.prediction = PredictionDrafter(plan.prediction, batch_size) if plan.source == "prediction" else None
         self.draft_engine = engine.draft if "draft" in (plan.source, plan.fallback) else None
         self.model_drafter: ModelDrafter | None = None
-        self.accepted_prediction = [0] * batch_size
         stats.draft_tokens, stats.accepted_tokens = [0] * batch_size, [0] * batch_size
-        if self.prediction is not None:
-            stats.accepted_prediction_tokens = [0] * batch_size
-            stats.rejected_prediction_tokens = [len(plan.prediction)] * batch_size
+        stats.prediction = plan.prediction if self.prediction is not None else None
 
     def _drafts(self, contexts, replies, budgets, sampler, kind) -> tuple[list[list[int]], list[bool]]:
         """Each row's draft and whether it came from the prediction."""
@@ -319,7 +330,8 @@ class Speculation:
                 with torch.no_grad(), runner.lock:
                     if any(drafts):
                         tokens, active, emitted, chosen, accepted = verify(
-                            runner, cache, tokens, active, drafts, sampler, penalty, eos_ids, kind, top_logprobs is not None
+                            runner, cache, tokens, active, drafts, 1 + self.plan.num_draft_tokens,
+                            sampler, penalty, eos_ids, kind, top_logprobs is not None,
                         )
                     else:
                         fed = active
@@ -330,26 +342,20 @@ class Speculation:
                         accepted = [0] * batch
                 taken = [rows.take(row, emitted[row]) for row in range(batch)]
                 for row in range(batch):
-                    kept = max(0, min(accepted[row], len(taken[row]) - 1))
+                    kept = min(accepted[row], len(taken[row]))  # drafts come first in what a round emits
                     if drafts[row]:
                         self.budgets[row].record(len(drafts[row]), accepted[row])
                         stats.draft_tokens[row] += len(drafts[row])
                         stats.accepted_tokens[row] += kept
-                        if predicted[row]:
-                            self.accepted_prediction[row] += kept
                     if transcripts[row] is not None:
                         transcripts[row].extend(taken[row])
                 yield make_block(taken, *_block_logprobs(chosen, taken, top_logprobs))
         finally:
             if self.model_drafter is not None:
                 self.model_drafter.close()
-            if self.prediction is not None:
-                total = len(self.plan.prediction)
-                stats.accepted_prediction_tokens = list(self.accepted_prediction)
-                stats.rejected_prediction_tokens = [max(0, total - a) for a in self.accepted_prediction]
 
 
-def verify(runner, cache, tokens, active, drafts, sampler, penalty: Penalties, eos_ids, kind, with_logprobs):
+def verify(runner, cache, tokens, active, drafts, width: int, sampler, penalty: Penalties, eos_ids, kind, with_logprobs):
     """Feed [last token, d1..dk] per row in one forward; keep each row's drafts up to the first disagreement.
 
     Returns the next last token [B] and active [B] (as a decode step would), each row's emitted
@@ -368,7 +374,7 @@ def verify(runner, cache, tokens, active, drafts, sampler, penalty: Penalties, e
     for row, d in enumerate(drafts):
         ids[row, 1 : 1 + len(d)] = torch.tensor(d, dtype=torch.long)
     n_new = torch.tensor([1 + c if g else 0 for c, g in zip(counts, going)], device=device)
-    logits = runner.verify(cache, ids.to(device), n_new)  # [B, T, V]
+    logits = runner.verify(cache, ids.to(device), n_new, width)  # [B, T, V]
     proposed = ids[:, 1:].to(device)
     k = torch.tensor(counts, device=device)
     alive = active.clone()
@@ -387,13 +393,15 @@ def verify(runner, cache, tokens, active, drafts, sampler, penalty: Penalties, e
     emitted_mask = torch.stack(alive_at, 1)  # [B, T]
     chosen = torch.stack(choices, 1)  # [B, T]
     n_emitted = emitted_mask.sum(1)
+    # A draft is accepted where it equals the choice emitted there (an eos it proposed included).
+    agreed = emitted_mask[:, :-1] & (proposed == chosen[:, :-1]) & (torch.arange(max(counts), device=device) < k[:, None])
     last = chosen.gather(1, (n_emitted - 1).clamp(min=0)[:, None])[:, 0]
     next_tokens = torch.where(active, last, tokens)
-    host_emitted = n_emitted.tolist()
-    accepted = [max(0, n - 1) for n in host_emitted]
+    host_emitted, accepted = n_emitted.tolist(), agreed.sum(1).tolist()
     for row in range(batch):
-        if going[row] and counts[row] > accepted[row]:
-            cache.rewind(counts[row] - accepted[row], row)
+        kept = max(0, host_emitted[row] - 1)  # fed drafts that stay: all emitted but the last
+        if going[row] and counts[row] > kept:
+            cache.rewind(counts[row] - kept, row)
     finished = (next_tokens[:, None] == eos_ids).any(-1) | (cache.lengths >= cache.max_seq_len - 1)
     rows_tokens = chosen.tolist()
     emitted = [rows_tokens[row][: host_emitted[row]] for row in range(batch)]
