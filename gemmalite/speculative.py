@@ -287,10 +287,11 @@ class Speculation:
         stats.draft_tokens, stats.accepted_tokens = [0] * batch_size, [0] * batch_size
         stats.prediction = plan.prediction if self.prediction is not None else None
 
-    def _drafts(self, contexts, replies, budgets, sampler, kind) -> tuple[list[list[int]], list[bool]]:
-        """Each row's draft and whether it came from the prediction."""
+    def _drafts(self, contexts, replies, budgets, sampler, kind) -> list[list[int]]:
+        """Each row's draft: from the prediction, else from lookup or the draft model."""
         drafts = [[] for _ in budgets]
-        predicted = [False] * len(budgets)
+        if not any(budgets):
+            return drafts
         wanted = list(budgets)
         for row, k in enumerate(budgets):
             if not k or contexts[row] is None:
@@ -298,7 +299,6 @@ class Speculation:
                 continue
             if self.prediction is not None:
                 drafts[row] = self.prediction.draft(row, replies[row], k)
-                predicted[row] = bool(drafts[row])
             fallback = self.plan.fallback if self.prediction is not None else self.plan.source
             if not drafts[row] and fallback == "lookup":
                 drafts[row] = lookup_draft(contexts[row], k)
@@ -310,7 +310,7 @@ class Speculation:
             for row, d in enumerate(self.model_drafter.draft(contexts, wanted)):
                 if d:
                     drafts[row] = d
-        return drafts, predicted
+        return drafts
 
     def decode(self, runner, cache, tokens, active, sampler, penalty, eos_ids, kind, top_logprobs, rows, transcripts, stats, make_block):
         """Yield a block per round until every row is done (the loop's `rows` keeps the books)."""
@@ -326,7 +326,7 @@ class Speculation:
                     alive = going[row] and rows.reasons[row] is None
                     budgets.append(max(0, min(self.budgets[row].next(), room)) if alive else 0)
                 replies = [None if t is None else t[s:] for t, s in zip(transcripts, reply_starts)]
-                drafts, predicted = self._drafts(transcripts, replies, budgets, sampler, kind) if any(budgets) else ([[]] * batch, [False] * batch)
+                drafts = self._drafts(transcripts, replies, budgets, sampler, kind)
                 with torch.no_grad(), runner.lock:
                     if any(drafts):
                         tokens, active, emitted, chosen, accepted = verify(
@@ -335,10 +335,13 @@ class Speculation:
                         )
                     else:
                         fed = active
-                        tokens, active, step_chosen = runner.step(cache, tokens, active, sampler, penalty, eos_ids, kind, top_logprobs is not None)
+                        # No row drafts: a plain decode step, at a plain step's cost.
+                        tokens, active, step_chosen = runner.step(
+                            cache, tokens, active, sampler, penalty, eos_ids, kind, top_logprobs is not None
+                        )
                         count_tokens(penalty, tokens, fed)
                         emitted = [[t] if f else [] for t, f in zip(tokens.tolist(), fed.tolist())]
-                        chosen = None if step_chosen is None else [[tuple(c[row : row + 1] for c in step_chosen)] for row in range(batch)]
+                        chosen = None if step_chosen is None else [[_row_of(step_chosen, row)] for row in range(batch)]
                         accepted = [0] * batch
                 taken = [rows.take(row, emitted[row]) for row in range(batch)]
                 for row in range(batch):
@@ -407,8 +410,13 @@ def verify(runner, cache, tokens, active, drafts, width: int, sampler, penalty: 
     emitted = [rows_tokens[row][: host_emitted[row]] for row in range(batch)]
     per_row = None
     if with_logprobs:
-        per_row = [[tuple(t[row : row + 1] for t in c) for c in picked[: host_emitted[row]]] for row in range(batch)]
+        per_row = [[_row_of(c, row) for c in picked[: host_emitted[row]]] for row in range(batch)]
     return next_tokens, active & ~finished, emitted, per_row, accepted
+
+
+def _row_of(chosen: tuple, row: int) -> tuple:
+    """One row of a step's (chosen logprob [B], top values [B, N], top ids [B, N])."""
+    return tuple(t[row : row + 1] for t in chosen)
 
 
 def _block_logprobs(chosen, taken, top_logprobs):
