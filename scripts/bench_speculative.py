@@ -66,6 +66,8 @@ TASKS = {
 def run(engine, prompt: str, new_tokens: int, **options) -> dict:
     done = engine.complete(prompt, max_new_tokens=new_tokens, ignore_eos=True, **options)
     stats = engine.last_stats
+    shown = {k: (v if k != "prediction" else "...") for k, v in options.items()}
+    print(f"  {shown}: {stats.decode_tokens_per_s:.1f} tok/s, acceptance {stats.acceptance_rate}", file=sys.stderr, flush=True)
     return {
         "tokens": done.token_ids,
         "tok_s": stats.decode_tokens_per_s,
@@ -90,6 +92,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--draft-tokens", type=int, default=None, help="num_draft_tokens (default: each drafter's)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), help="which tasks (default: all)")
+    parser.add_argument("--no-int8-alone", action="store_true", help="skip the int8 model decoding alone")
     args = parser.parse_args()
 
     source = args.model
@@ -104,7 +108,8 @@ def main() -> None:
     draft.complete("warm up", max_new_tokens=4)
 
     rows = []
-    for task, prompt in TASKS.items():
+    for task in args.tasks:
+        prompt = TASKS[task]
         plain = run(target, prompt, args.new_tokens, speculative="off")
         modes = {"lookup": dict(speculative="lookup", **k), "int8 draft": dict(speculative="draft", **k)}
         if task == "code edit":
@@ -115,6 +120,9 @@ def main() -> None:
             out["speedup"] = out["tok_s"] / plain["tok_s"] if plain["tok_s"] else None
             out["differs_at"] = first_difference(out["tokens"], plain["tokens"])
             rows.append({"task": task, "mode": mode, **out})
+            print(f"{task} / {mode}: {out['speedup']:.2f}x of plain, differs at {out['differs_at']}", file=sys.stderr, flush=True)
+        if args.no_int8_alone:
+            continue
         int8_plain = run(draft, prompt, args.new_tokens, speculative="off")
         rows.append({"task": task, "mode": "int8 alone (for scale)", **int8_plain, "speedup": int8_plain["tok_s"] / plain["tok_s"],
                      "differs_at": first_difference(int8_plain["tokens"], plain["tokens"])})
