@@ -18,6 +18,9 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens whose KV entries were reused instead of prefilled
+    # With prediction= (speculative.py): predicted tokens the reply kept, and the rest of them.
+    accepted_prediction_tokens: int | None = None
+    rejected_prediction_tokens: int | None = None
 
     @property
     def total_tokens(self) -> int:

@@ -21,6 +21,7 @@ from .options import GenerationOptions
 from .loop import Block, Stats, Steps, generate
 from .runner import Runner
 from .sampling import SamplingSettings
+from . import speculative
 from .session import Session
 from .text import TextStream
 from .tokenizer import END_OF_TURN, Tokenizer, chat_prompt
@@ -43,6 +44,7 @@ class Engine:
         eos_ids: Sequence[int] = (),
         rewind_margin: int = DEFAULT_REWIND_MARGIN,
         reuse_prompts: bool = True,
+        draft: "Engine | None" = None,
     ):
         self.reuse_prompts = reuse_prompts
         self.runner = Runner(
@@ -57,6 +59,10 @@ class Engine:
         self.defaults = defaults
         self.eos_ids = tuple(dict.fromkeys([*model.config.eos_token_ids, *eos_ids]))
         self._local = threading.local()  # per thread: the last call's Stats
+        self.draft = None  # a smaller engine with the same vocabulary, drafting for speculative decoding
+        if draft is not None:
+            speculative.check_draft(self, draft)
+            self.draft = draft
 
     @property
     def config(self) -> GemmaConfig:
@@ -114,6 +120,8 @@ class Engine:
         stats = steps.stats
         done = [r.result(reason) for r, reason in zip(results, stats.finish_reasons)]
         stats.finish_reasons[:] = [c.finish_reason for c in done]
+        for row, completion in enumerate(done):
+            _prediction_usage(completion.usage, stats, completion.token_ids, opts)
         return done[0] if single else done
 
     def complete_stream(
@@ -130,7 +138,7 @@ class Engine:
         (result,) = self._row_results(prompts, opts, texts, chat)
         steps = self.token_steps(prompts, opts, chat=chat, sync_every=1)
         result.cached_tokens = steps.stats.cached_tokens[0]
-        return self._chunks(steps, result)
+        return self._chunks(steps, result, opts)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], **options) -> list[list[int]]:
         """New tokens for each prompt, ending with the eos token when one was produced.
@@ -202,6 +210,7 @@ class Engine:
         `histories`: each row's whole transcript before the reply, when the cache already holds
         part of it (the repetition penalty counts it all); default: the prompts.
         """
+        speculation = speculative.plan(self, options)
         stats = self._local.stats = Stats(prompt_tokens=[len(p) for p in prompts])
         own = cache is None
         feed = prompts
@@ -224,6 +233,7 @@ class Engine:
             sync_every=sync_every,
             histories=histories or (prompts if own else None),
             top_logprobs=options.logprobs,
+            speculation=None if speculation is None else speculative.Speculation(self, speculation, stats),
         )
         return Steps(self._returning(steps, cache) if own else steps, stats)
 
@@ -255,7 +265,7 @@ class Engine:
         finally:
             steps.close()
 
-    def _chunks(self, steps: Steps, result: RowResult) -> Iterator[CompletionChunk]:
+    def _chunks(self, steps: Steps, result: RowResult, options: GenerationOptions) -> Iterator[CompletionChunk]:
         try:
             for block in steps:
                 chunk = result.add(block[0], *_row_logprobs(block, 0))
@@ -267,6 +277,7 @@ class Engine:
             last = result.last_chunk(stats.finish_reasons[0] if stats.finish_reasons else None)
             if stats.finish_reasons:
                 stats.finish_reasons[0] = last.finish_reason
+            _prediction_usage(last.usage, stats, result.token_ids, options)
             yield last
         finally:
             steps.close()
@@ -352,6 +363,12 @@ class Engine:
 def _refuse(options: dict, name: str, message: str) -> None:
     if options.get(name) not in (None, (), [], ""):
         raise InvalidArgumentError(message)
+
+
+def _prediction_usage(usage, stats: Stats, tokens: list[int], options: GenerationOptions) -> None:
+    """With prediction=: how many predicted tokens the reply has, in order, and how many it has not."""
+    if options.prediction is not None and stats.prediction is not None:
+        usage.accepted_prediction_tokens, usage.rejected_prediction_tokens = speculative.prediction_usage(stats.prediction, tokens)
 
 
 def _row_logprobs(block: Block, row: int) -> tuple:

@@ -80,13 +80,16 @@ def load(
     quantize: str | None = None,
     rewind_margin: int = DEFAULT_REWIND_MARGIN,
     reuse_prompts: bool = True,
+    draft: "str | os.PathLike | Engine | None" = None,
 ) -> Engine:
     """Load a Gemma 3 checkpoint (local dir, .gguf file or Hub repo id) into an Engine.
 
     quantize="int8" stores every projection and the head as int8 (weight-only); see quantize.py.
     rewind_margin: how many tokens a cache can step back (each sliding layer keeps that many
     slots beyond its window); see cache.py. reuse_prompts: keep each call's cache, so that a
-    later prompt that starts with the same tokens prefills only the rest.
+    later prompt that starts with the same tokens prefills only the rest. draft: a smaller
+    model with the same tokenizer (a source, loaded like this one, or an Engine such as an int8
+    one) that drafts tokens for speculative decoding; see speculative.py.
     """
     if isinstance(rewind_margin, bool) or not isinstance(rewind_margin, int) or rewind_margin < 0:
         raise InvalidArgumentError(f"rewind_margin must be an integer >= 0, got {rewind_margin!r}")
@@ -111,6 +114,8 @@ def load(
         tokenizer = Tokenizer(checkpoint.tokenizer_file, bos_id=checkpoint.config.bos_token_id)
         tokenizer.check_against(checkpoint.config)
     defaults, extra_eos = generation_defaults(checkpoint)
+    if draft is not None and not isinstance(draft, Engine):
+        draft = load(draft, device=device, dtype=dtype, compile=compile, max_seq_len=max_seq_len, rewind_margin=rewind_margin)
     return Engine(
         model,
         tokenizer,
@@ -122,6 +127,7 @@ def load(
         eos_ids=extra_eos,
         rewind_margin=rewind_margin,
         reuse_prompts=bool(reuse_prompts),
+        draft=draft,
     )
 
 

@@ -30,6 +30,16 @@ class Stats:
     cached_tokens: list[int] = field(default_factory=list)  # prompt tokens reused from an earlier call
     prefill_s: float = 0.0  # time to first token
     decode_s: float = 0.0
+    # Speculative decoding (speculative.py): tokens drafted, and drafted tokens the target kept.
+    draft_tokens: list[int] = field(default_factory=list)
+    accepted_tokens: list[int] = field(default_factory=list)
+    prediction: tuple[int, ...] | None = None  # with prediction=: its token ids
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Drafted tokens kept over tokens drafted (None when nothing was drafted)."""
+        drafted = sum(self.draft_tokens)
+        return sum(self.accepted_tokens) / drafted if drafted else None
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -101,13 +111,15 @@ def generate(
     sync_every: int = 8,
     histories: list[list[int]] | None = None,
     top_logprobs: int | None = None,
+    speculation=None,
 ) -> Iterator[Block]:
     """Yield, every `sync_every` steps, a Block of the tokens each row produced since the last.
 
     The prompts are appended to what the cache holds; `histories` (default: the prompts) are
     the tokens the repetition penalty counts as prompt. Rows stop at an eos id, at
     max_new_tokens, or when their transcript reaches max_seq_len. `top_logprobs` (None: off)
-    asks for each token's log-probability and the top N alternatives.
+    asks for each token's log-probability and the top N alternatives. `speculation` (a
+    speculative.Speculation) decodes after prefill instead of the plain steps, to the same tokens.
     """
     held = cache.lengths.tolist()
     batch = len(prompts)
@@ -138,6 +150,12 @@ def generate(
         stats.prefill_s = time.perf_counter() - started  # the time to first token
         decode_started = time.perf_counter()
         yield first
+        if speculation is not None:
+            state = (runner, cache, tokens, active, sampler, penalty, eos_tensor, kind, top_logprobs)
+            for block in speculation.decode(*state, rows, transcripts, stats, Block):
+                yield block
+                stats.decode_s = time.perf_counter() - decode_started
+            return
         while not rows.done:
             # The lock and no_grad cover the step only, never a yield: the caller's code between
             # blocks runs in its own grad mode, and other callers' steps may run meanwhile.

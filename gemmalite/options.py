@@ -15,6 +15,7 @@ from .sampling import SamplingSettings
 
 DEFAULT_MAX_NEW_TOKENS = 256
 MAX_LOGPROBS = 20
+MAX_DRAFT_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class GenerationOptions:
     logprobs: int | None = None  # None: off; N: each chosen token's log-probability and the top N others
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
+    # Speculative decoding (speculative.py): same tokens, fewer target forwards when drafts agree.
+    speculative: str | None = None  # "lookup", "draft" or "off"; None: "draft" when a draft is loaded
+    num_draft_tokens: int | None = None  # most tokens drafted per forward; None: the drafter's default
+    prediction: str | tuple[int, ...] | None = None  # the caller's guess of the reply (Predicted Outputs)
 
     def __post_init__(self):
         n = self.max_new_tokens
@@ -45,6 +50,16 @@ class GenerationOptions:
         if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
             raise InvalidArgumentError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (the top alternatives to report), got {lp!r}")
         object.__setattr__(self, "stop", parse_stops(self.stop))
+        if self.speculative not in (None, "off", "lookup", "draft"):
+            raise InvalidArgumentError(f'speculative must be "lookup", "draft" or "off", got {self.speculative!r}')
+        k = self.num_draft_tokens
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_DRAFT_TOKENS):
+            raise InvalidArgumentError(f"num_draft_tokens must be an integer in [0, {MAX_DRAFT_TOKENS}], got {k!r}")
+        guess = self.prediction
+        if isinstance(guess, list):
+            object.__setattr__(self, "prediction", guess := tuple(guess))
+        if guess is not None and not isinstance(guess, str) and not (isinstance(guess, tuple) and all(isinstance(i, int) for i in guess)):
+            raise InvalidArgumentError(f"prediction must be the expected reply, as text or token ids; got {type(guess).__name__}")
         # Check the sampling values now, with neutral stand-ins for what is left to the defaults.
         self.sampling(SamplingSettings())
 

@@ -27,6 +27,7 @@ import torch
 
 from .cache import KVCache
 from .config import GemmaConfig
+from .errors import InvalidArgumentError
 from .model import Gemma3
 from .options import MAX_LOGPROBS
 from .sampling import Penalties, SamplerState, apply_penalties, greedy, logprobs, sample
@@ -62,6 +63,11 @@ def prefill_chunk(model: Gemma3, cache: KVCache, ids: torch.Tensor, n_new: torch
     return model(ids, cache, n_new=n_new, last_only=True, span=span)[:, 0]
 
 
+def verify_chunk(model: Gemma3, cache: KVCache, ids: torch.Tensor, n_new: torch.Tensor, span: int) -> torch.Tensor:
+    """Append a chunk [B, T] (a last token and drafts); logits [B, T, vocab] at every position."""
+    return model(ids, cache, n_new=n_new, span=span)
+
+
 def prefill_bucket(length: int, width: int) -> int:
     """The padded length of a compiled prefill chunk: a power of two from 16, or the full width."""
     bucket = 16
@@ -81,6 +87,8 @@ def describe_graph(key: tuple, shape: tuple) -> str:
     "prefill (batch 1, 16-token chunks, 256 keys)"."""
     if key[0] == "prefill":
         return f"prefill (batch {shape[0]}, {shape[1]}-token chunks, {key[1]} keys)"
+    if key[0] == "verify":
+        return f"speculative verification (batch {shape[0]}, {shape[1]} tokens, {key[1]} keys)"
     _, kind, with_logprobs, span = key
     return f"the decode step ({kind}{', logprobs' if with_logprobs else ''}, batch {shape[0]}, {span} keys)"
 
@@ -266,6 +274,29 @@ class Runner:
         tokens, active, chosen = self._call(key, tokens.shape, step, *args)
         # Graph outputs are overwritten by the next replay: keep copies.
         return tokens.clone(), active.clone(), None if chosen is None else tuple(t.clone() for t in chosen)
+
+    @torch.no_grad()
+    def verify(self, cache: KVCache, ids: torch.Tensor, n_new: torch.Tensor, width: int) -> torch.Tensor:
+        """Feed a chunk [B, T] (row b: n_new[b] real tokens) in one forward; logits [B, T, vocab].
+
+        Compiled, chunks are padded to `width` (1 + the call's most draft tokens): one graph per
+        batch size, width and span. See speculative.py.
+        """
+        length = ids.shape[1]
+        if max(length, width if self.compiled else 0) > cache.longest_chunk:
+            raise InvalidArgumentError(
+                f"{length - 1} draft tokens do not fit in one verification chunk of this cache "
+                f"(at most {cache.longest_chunk - 1}); ask for fewer draft tokens"
+            )
+        if self.compiled:
+            ids = torch.cat([ids, ids.new_zeros(ids.shape[0], width - length)], 1)
+            if self.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+        cache.high = min(cache.high + length, cache.max_seq_len)
+        key = ("verify", cache.span(cache.high))
+        fn = self._compiled(key, verify_chunk)
+        logits = self._call(key, ids.shape, fn, self.model, cache, ids, n_new, key[1])
+        return logits[:, :length].clone()
 
     def eos_tensor(self, eos_ids: Sequence[int]) -> torch.Tensor:
         padded = torch.full((EOS_SLOTS,), -1, dtype=torch.long)

@@ -142,5 +142,6 @@ def report_speed(args: argparse.Namespace, engine, n_prompt: int) -> None:
         args,
         f"{n_prompt} prompt tokens, time to first token {stats.prefill_s * 1000:.0f} ms; "
         f"{new} new tokens in {stats.decode_s:.2f} s, {stats.decode_tokens_per_s:.1f} tok/s"
-        + (f" (stopped: {reason})" if reason else ""),
+        + (f" (stopped: {reason})" if reason else "")
+        + (f"; drafts accepted: {stats.acceptance_rate:.0%} of {sum(stats.draft_tokens)}" if stats.acceptance_rate is not None else ""),
     )

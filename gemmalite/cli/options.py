@@ -58,6 +58,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         choices=["int8"],
         help="int8 weights for every projection and the head: half the bytes of bf16 per token, close to it in quality",
     )
+    group.add_argument(
+        "--draft", metavar="SRC",
+        help="a smaller model with the same tokenizer that drafts tokens for speculative decoding "
+        "(loaded like --model; the output stays the same)",
+    )  # fmt: skip
+    group.add_argument("--draft-quantize", choices=["int8"], help="load the --draft model with int8 weights (CPU only)")
 
 
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
@@ -91,6 +97,11 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     add("--seed", "-s", type=int, metavar="S", help="seed for reproducible sampling")
     add("--stop", action="append", metavar="STR", help="stop before this text (repeatable)")
     add("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
+    add(
+        "--lookup", dest="speculative", action="store_const", const="lookup",
+        help="speculative decoding by prompt lookup: drafts copied from earlier in prompt and reply (same output)",
+    )  # fmt: skip
+    add("--draft-tokens", dest="num_draft_tokens", type=count, metavar="K", help="most tokens drafted per forward")
 
 
 def generation_options(args: argparse.Namespace) -> GenerationOptions:
@@ -125,8 +136,15 @@ def load_engine(args: argparse.Namespace):
             "It is the base model: it continues text rather than following instructions",
         )
     started = time.perf_counter()
+    draft = None
+    if getattr(args, "draft", None):
+        draft = load(
+            args.draft, device=args.device, dtype=args.dtype, compile=args.compile, max_seq_len=args.max_seq_len,
+            quantize=args.draft_quantize,
+        )  # fmt: skip
     engine = load(
         source,
+        draft=draft,
         device=args.device,
         dtype=args.dtype,
         compile=args.compile,
@@ -135,6 +153,7 @@ def load_engine(args: argparse.Namespace):
     )
     dtype = str(engine.dtype).removeprefix("torch.")
     compiled = (", compiled" if engine.compiled else "") + (", int8" if args.quantize else "")
+    compiled += f", drafting with {args.draft}" if draft is not None else ""
     info(args, f"loaded {source} in {time.perf_counter() - started:.2f} s ({engine.device}, {dtype}{compiled})")
     engine.runner.on_compile = lambda what, seconds: info(args, compile_notice(what, seconds))
     return engine

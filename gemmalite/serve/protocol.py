@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 from ..completion import CompletionChunk, Usage
 from ..errors import GemmaliteError, InvalidArgumentError
 from ..options import MAX_LOGPROBS, GenerationOptions
+from ..speculative import prediction_usage
 from ..tokenizer import chat_messages_prompt
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -167,6 +168,7 @@ def _job(body: dict, engine, defaults: GenerationOptions, prompt: list[int], *, 
         "ignore_eos": _get(body, "ignore_eos", bool),
         "stop": _stops(body.get("stop")),
         "logprobs": logprobs,
+        "prediction": _prediction(body.get("prediction")),
     }
     merged = {f.name: getattr(defaults, f.name) for f in fields(GenerationOptions)}
     merged.update({name: value for name, value in given.items() if value is not None})
@@ -189,6 +191,18 @@ def _job(body: dict, engine, defaults: GenerationOptions, prompt: list[int], *, 
         raise APIError(400, str(e), param=_param_named_in(str(e))) from None
     reuse = _get(body, "cache_prompt", bool)
     return Job(chat, prompt, options, stream, bool(include_usage), reuse is not False)
+
+
+def _prediction(prediction) -> str | None:
+    """Predicted Outputs: {"type": "content", "content": text or [{"type": "text", "text": ...}]}, as text."""
+    if prediction is None:
+        return None
+    content = prediction.get("content") if isinstance(prediction, dict) and prediction.get("type") == "content" else None
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise APIError(400, 'prediction must be {"type": "content", "content": a string or a list of text parts}', param="prediction")
+    return content
 
 
 def _get(body: dict, key: str, kind: type, check=None, expected: str | None = None, *, name: str | None = None):
@@ -285,6 +299,7 @@ class Answer:
         self.id = f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.offset = 0  # legacy logprobs: where the next token's text starts
+        self.token_ids: list[int] = []  # every token sent so far (for the prediction's usage)
         self._names: dict[int, tuple[str, bytes, int]] = {}
 
     def _envelope(self, chunk: bool) -> dict:
@@ -299,6 +314,7 @@ class Answer:
 
     def chunk(self, piece: CompletionChunk) -> dict | None:
         """The stream chunk for new text (None when there is nothing to say)."""
+        self.token_ids.extend(piece.token_ids)
         if not piece.text and not (self.job.options.logprobs is not None and piece.token_ids):
             return None
         delta = {"content": piece.text} if self.job.chat else piece.text
@@ -311,7 +327,7 @@ class Answer:
             bodies.append(self._stream_body({"content": last.text} if self.job.chat else last.text, None, None))
         bodies.append(self._stream_body({} if self.job.chat else "", None, last.finish_reason))
         if self.job.include_usage:
-            bodies.append({**self._envelope(True), "choices": [], "usage": usage(last.usage)})
+            bodies.append({**self._envelope(True), "choices": [], "usage": self.usage(last.usage, self.token_ids)})
         return bodies
 
     def _stream_body(self, delta, logprobs, finish_reason) -> dict:
@@ -333,7 +349,17 @@ class Answer:
         )
         content = {"message": {"role": "assistant", "content": text}} if self.job.chat else {"text": text}
         choice = {"index": 0, **content, "logprobs": self.logprobs(merged), "finish_reason": last.finish_reason}
-        return {**self._envelope(False), "choices": [choice], "usage": usage(last.usage)}
+        return {**self._envelope(False), "choices": [choice], "usage": self.usage(last.usage, merged.token_ids)}
+
+    def usage(self, u: Usage, token_ids: list[int]) -> dict:
+        """OpenAI's usage; with a prediction, how many of its tokens the reply has and has not."""
+        body = usage(u)
+        prediction = self.job.options.prediction
+        if prediction is not None:
+            predicted = self.tokenizer.encode(prediction, bos=False)
+            accepted, rejected = prediction_usage(predicted, token_ids)
+            body["completion_tokens_details"] = {"accepted_prediction_tokens": accepted, "rejected_prediction_tokens": rejected}
+        return body
 
     def logprobs(self, piece: CompletionChunk) -> dict | None:
         if self.job.options.logprobs is None:
