@@ -101,13 +101,15 @@ def generate(
     sync_every: int = 8,
     histories: list[list[int]] | None = None,
     top_logprobs: int | None = None,
+    images: list[list] | None = None,
 ) -> Iterator[Block]:
     """Yield, every `sync_every` steps, a Block of the tokens each row produced since the last.
 
     The prompts are appended to what the cache holds; `histories` (default: the prompts) are
     the tokens the repetition penalty counts as prompt. Rows stop at an eos id, at
     max_new_tokens, or when their transcript reaches max_seq_len. `top_logprobs` (None: off)
-    asks for each token's log-probability and the top N alternatives.
+    asks for each token's log-probability and the top N alternatives. `images`: each row's
+    images among its prompt tokens (see Runner.prefill).
     """
     held = cache.lengths.tolist()
     batch = len(prompts)
@@ -128,7 +130,7 @@ def generate(
     try:
         started = time.perf_counter()
         with torch.no_grad(), runner.lock:
-            logits = runner.prefill(cache, prompts)
+            logits = runner.prefill(cache, prompts, images)
             prefilled = True
             tokens = choose(logits, sampler, penalty, cache.lengths, kind)
             count_tokens(penalty, tokens, torch.ones_like(tokens, dtype=torch.bool))

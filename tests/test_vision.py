@@ -1,0 +1,157 @@
+"""Image input against transformers' Gemma3ForConditionalGeneration, on a tiny random checkpoint in fp32.
+
+The tiny tower takes 56x56 images in 14px patches (a 4x4 grid) and pools them to 4 soft tokens,
+so an image block (<start_of_image>, 4 image tokens, <end_of_image>) is longer than half of the
+tiny model's 8-token prefill chunks: images straddle chunk boundaries unless the runner moves them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import gemmalite
+from gemmalite.errors import GemmaliteError, InvalidArgumentError, MissingExtraError
+
+from conftest import MARGIN, TINY, train_tokenizer
+
+PIL = pytest.importorskip("PIL.Image")
+
+IMAGE_TOKEN, START_OF_IMAGE, END_OF_IMAGE = 401, 6, 7  # the soft token lies past the SentencePiece vocab, as in Gemma 3
+VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14)
+TOKENS_PER_IMAGE = 4
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    """(checkpoint dir, transformers model, Gemma3Processor) of a tiny random multimodal Gemma 3."""
+    from transformers import AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
+
+    directory = tmp_path_factory.mktemp("vlm")
+    torch.manual_seed(0)
+    config = Gemma3Config(
+        text_config={**TINY, "vocab_size": 416},
+        vision_config={**VISION, "vision_use_head": False},
+        mm_tokens_per_image=TOKENS_PER_IMAGE,
+        boi_token_index=START_OF_IMAGE,
+        eoi_token_index=END_OF_IMAGE,
+        image_token_index=IMAGE_TOKEN,
+    )
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and "vision" not in name:  # Gemma's norms start at zero, hiding a missing (1 + weight)
+                p.normal_(0.0, 0.5)
+            elif "mm_input_projection" in name:  # zero at init, which would make every image vanish
+                p.normal_(0.0, 0.3)
+            elif "vision" in name:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(directory)
+    train_tokenizer(directory, ("<start_of_image>", "<end_of_image>"))
+    special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    extra = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    settings = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "extra_special_tokens": extra, **special}
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings))
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    assert tokenizer.image_token_id == IMAGE_TOKEN and tokenizer.boi_token_id == START_OF_IMAGE
+    size = {"height": VISION["image_size"], "width": VISION["image_size"]}
+    processor = Gemma3Processor(Gemma3ImageProcessorPil(size=size), tokenizer, image_seq_length=TOKENS_PER_IMAGE)
+    return directory, model, processor
+
+
+@pytest.fixture(scope="module")
+def engine(vlm):
+    return gemmalite.load(vlm[0], dtype="float32", compile=False, max_seq_len=256, rewind_margin=MARGIN)
+
+
+def picture(seed: int, size=(40, 30), mode="RGB"):
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    return PIL.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
+
+
+def reference(vlm, text: str, images: list):
+    """transformers' inputs for a prompt with images: ids, pixel values, token types."""
+    _, _, processor = vlm
+    return processor(text=text, images=images or None, return_tensors="pt")
+
+
+def reference_logits(vlm, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return vlm[1](**inputs).logits[0].float()
+
+
+def reference_greedy(vlm, inputs, n: int) -> list[int]:
+    with torch.no_grad():
+        out = vlm[1].generate(**inputs, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def gemmalite_logits(engine, ids: list[int], images: list) -> torch.Tensor:
+    """Every position's logits of one prompt through the cache (prefill of all but the last, as the
+    runner chunks it, then each token): the path generation takes."""
+    from gemmalite.vision import prepare
+
+    seen = prepare(engine.image_encoder, [ids], [images])
+    cache = engine.runner.new_cache(1)
+    rows = []
+    with torch.no_grad():
+        for end in range(1, len(ids) + 1):
+            cache.reset()
+            rows.append(engine.runner.prefill(cache, [ids[:end]], [[(s, f) for s, f in seen.rows[0] if s.end <= end]])[0])
+    return torch.stack(rows)
+
+
+def close(a, b, rtol=1e-4):
+    scale = b.abs().max()
+    assert (a - b).abs().max() <= rtol * scale + 1e-5, float((a - b).abs().max() / scale)
+
+
+# ---------------------------------------------------------------- preprocessing and the tower
+@pytest.mark.parametrize("size,mode", [((40, 30), "RGB"), ((56, 56), "RGBA"), ((90, 17), "L"), ((300, 200), "RGB")])
+def test_pixel_values_equal_the_reference_processor(vlm, size, mode):
+    from gemmalite.vision.images import pixel_values
+
+    image = picture(1, size, mode)
+    expected = vlm[2].image_processor(image, return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(pixel_values(image, VISION["image_size"]), expected)
+
+
+def test_image_features_match_transformers(vlm, engine):
+    from gemmalite.vision.images import pixel_values
+
+    pixels = torch.stack([pixel_values(picture(i), VISION["image_size"]) for i in range(3)])
+    with torch.no_grad():
+        expected = vlm[1].model.get_image_features(pixels).pooler_output
+        got = engine.image_encoder(pixels)
+    assert got.shape == (3, TOKENS_PER_IMAGE, TINY["hidden_size"])
+    close(got, expected)
+
+
+# ---------------------------------------------------------------- prompts
+@pytest.mark.parametrize(
+    "text,count",
+    [
+        ("Look: <start_of_image> and say", 1),
+        ("<start_of_image>\n\nfirst\n<start_of_image>second", 2),
+        ("two in a row <start_of_image><start_of_image>.", 2),
+        ("The fox\n\n\n<start_of_image>\n", 1),
+    ],
+)
+def test_prompt_ids_equal_the_reference_processor(vlm, engine, text, count):
+    images = [picture(i) for i in range(count)]
+    expected = reference(vlm, text, images)["input_ids"][0].tolist()
+    assert engine.encode(text, images=count) == expected
+
+
+def test_chat_prompt_puts_images_at_the_start_of_the_turn(vlm, engine):
+    expected_text = "<start_of_turn>user\nBe brief.\n\n<start_of_image>What is it?<end_of_turn>\n<start_of_turn>model\n"
+    expected = reference(vlm, expected_text, [picture(0)])["input_ids"][0].tolist()
+    assert engine.encode("What is it?", chat=True, system="Be brief.", images=1) == expected
