@@ -103,7 +103,9 @@ def gemmalite_logits(engine, ids: list[int], images: list, expected: torch.Tenso
     seen = prepare(engine.image_encoder, [ids], [images])
     inside = {p for span, _ in seen.rows[0] for p in range(span.start, span.end - 1)}
     cache = engine.runner.new_cache(1)
-    rows, at = [], [p for p in range(len(ids)) if p not in inside]
+    ends = {span.end - 1 for span, _ in seen.rows[0]}
+    # Each image's last token, the token after it, and a few more (every prefix costs a prefill).
+    rows, at = [], sorted({p for p in range(len(ids)) if p not in inside and (p % 4 == 0 or p in ends or p - 1 in ends)} | {len(ids) - 1})
     with torch.no_grad():
         for p in at:
             cache.reset()
@@ -229,3 +231,103 @@ def test_a_chat_prompt_with_an_image_matches_transformers(vlm, engine):
     text = "<start_of_turn>user\n<start_of_image>Describe it.<end_of_turn>\n<start_of_turn>model\n"
     expected = reference_greedy(vlm, reference(vlm, text, images), 10)
     assert engine.complete("Describe it.", chat=True, images=images, max_new_tokens=10, ignore_eos=True).token_ids == expected
+
+
+# ---------------------------------------------------------------- loading
+def renamed_copy(vlm, tmp_path, rename) -> str:
+    directory = tmp_path / "renamed"
+    shutil.copytree(vlm[0], directory)
+    state = load_file(directory / "model.safetensors")
+    save_file({rename(name): t for name, t in state.items()}, directory / "model.safetensors")
+    return directory
+
+
+def hub_name(name: str) -> str:
+    return name.replace("vision_tower.", "vision_tower.vision_model.", 1) if name.startswith("vision_tower.") else name
+
+
+def transformers5_name(name: str) -> str:
+    if name.startswith("language_model.model."):
+        return "model.language_model." + name[len("language_model.model.") :]
+    return "model." + name
+
+
+@pytest.mark.parametrize("rename", [hub_name, transformers5_name])
+def test_both_namings_of_a_multimodal_checkpoint_load(vlm, engine, tmp_path, rename):
+    names = load_file(vlm[0] / "model.safetensors").keys()
+    assert any(rename(n).startswith(("vision_tower.vision_model.", "model.vision_tower.")) for n in names)
+    other = gemmalite.load(renamed_copy(vlm, tmp_path, rename), dtype="float32", compile=False, max_seq_len=256, rewind_margin=MARGIN)
+    images = [picture(12)]
+    assert other.vision
+    assert other.complete(ONE, images=images, max_new_tokens=6).token_ids == engine.complete(ONE, images=images, max_new_tokens=6).token_ids
+
+
+def test_vision_false_skips_the_tower_and_refuses_images(vlm, engine):
+    text_only = gemmalite.load(vlm[0], dtype="float32", compile=False, max_seq_len=256, rewind_margin=MARGIN, vision=False)
+    assert engine.vision and not text_only.vision and text_only.image_encoder is None
+    assert text_only.generate("The quick brown fox", max_new_tokens=5) == engine.generate("The quick brown fox", max_new_tokens=5)
+    with pytest.raises(InvalidArgumentError, match="vision=False"):
+        text_only.generate(ONE, images=[picture(0)])
+
+
+def test_a_text_only_model_refuses_images(tiny_engine):
+    assert not tiny_engine.vision
+    with pytest.raises(InvalidArgumentError, match="text-only"):
+        tiny_engine.complete("<start_of_image>", images=[picture(0)])
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_images_get_clear_errors_and_the_engine_goes_on(engine, tmp_path):
+    def refused(match, **kwargs):
+        with pytest.raises(GemmaliteError, match=match):
+            engine.complete(kwargs.pop("prompt", ONE), max_new_tokens=2, **kwargs)
+
+    refused("1 image block.*but 2 image", images=[picture(0), picture(1)])
+    refused("0 image block.*but 1 image", prompt="no marker here", images=[picture(0)])
+    refused("2 image block.*but 1 image", prompt=TWO, images=[picture(0)])
+    refused("not an image", images=[b"certainly not a PNG"])
+    png = io.BytesIO()
+    picture(0).save(png, format="PNG")
+    refused("truncated or corrupt", images=[png.getvalue()[:60]])
+    refused("no such file", images=[tmp_path / "missing.png"])
+    (tmp_path / "notes.txt").write_text("hello")
+    refused("not an image", images=[tmp_path / "notes.txt"])
+    refused("uint8", images=[np.zeros((8, 8, 3), dtype=np.float32)])
+    refused("give a PIL image", images=[42])
+    refused("2 lists", prompt=[ONE, ONE], images=[picture(0)])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PIL, "MAX_IMAGE_PIXELS", 100)
+        refused("decompression bomb", images=[png.getvalue()])
+    # Every kind of input names the same image.
+    (tmp_path / "ok.png").write_bytes(png.getvalue())
+    kinds = [picture(0), png.getvalue(), tmp_path / "ok.png", str(tmp_path / "ok.png"), np.asarray(picture(0))]
+    outs = {tuple(engine.complete(ONE, images=[k], max_new_tokens=4).token_ids) for k in kinds}
+    assert len(outs) == 1
+
+
+def test_missing_pillow_names_the_extra(engine, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pillow(name, *args, **kwargs):
+        if name.startswith("PIL"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pillow)
+    with pytest.raises(MissingExtraError, match=r"gemmalite\[vision\]"):
+        engine.complete(ONE, images=[b"\x89PNG"], max_new_tokens=2)
+
+
+# ---------------------------------------------------------------- caches
+def test_prompt_reuse_recognises_the_same_image_by_content(vlm, engine):
+    reused = gemmalite.load(vlm[0], dtype="float32", compile=False, max_seq_len=256, rewind_margin=64)
+    first = reused.complete(ONE, images=[picture(13)], max_new_tokens=4)
+    again = reused.complete(ONE + " again", images=[picture(13)], max_new_tokens=4)
+    assert again.usage.cached_tokens > first.usage.prompt_tokens - 8
+    other = reused.complete(ONE + " again", images=[picture(14)], max_new_tokens=4)
+    start = engine.encode(ONE, images=1).index(IMAGE_TOKEN)
+    assert other.usage.cached_tokens <= start
+    fresh = engine.complete(ONE + " again", images=[picture(14)], max_new_tokens=4)
+    assert other.token_ids == fresh.token_ids
