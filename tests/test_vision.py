@@ -351,3 +351,38 @@ def test_a_session_turn_after_an_image_matches_transformers(vlm, engine):
     assert reply == reference_greedy_ids(vlm, chat.tokens[:-5], [image], 5)
     chat.undo()  # beyond the tiny rewind margin: the cache starts over and the image is fed again
     assert chat.send("And then?", max_new_tokens=5, ignore_eos=True) == second
+
+
+# ---------------------------------------------------------------- the command line
+CLI_BASE = ["--dtype", "float32", "--device", "cpu", "--no-compile", "--temperature", "0", "-q", "-n", "6", "--ignore-eos"]
+
+
+def test_the_cli_takes_images(vlm, engine, capsys, tmp_path):
+    from gemmalite import cli
+
+    picture(16).save(tmp_path / "a.png")
+    expected = engine.generate(ONE, images=[tmp_path / "a.png"], max_new_tokens=6, ignore_eos=True)
+    assert cli.main(["-m", str(vlm[0]), *CLI_BASE, "--image", str(tmp_path / "a.png"), ONE]) == 0
+    assert capsys.readouterr().out == expected
+    assert cli.main(["-m", str(vlm[0]), *CLI_BASE, "--image", str(tmp_path / "missing.png"), ONE]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such file" in err[0]
+
+
+def test_chat_attaches_an_image_with_a_command(vlm, engine, capsys, monkeypatch, tmp_path):
+    from gemmalite import cli
+
+    picture(17).save(tmp_path / "b.png")
+    lines = iter([f"/image {tmp_path / 'missing.png'}", f"/image {tmp_path / 'b.png'}", "What is it?"])
+
+    def typed(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", typed)
+    assert cli.main(["chat", "-m", str(vlm[0]), *CLI_BASE]) == 0
+    out, err = capsys.readouterr()
+    assert out == engine.session().send("What is it?", images=[tmp_path / "b.png"], max_new_tokens=6, ignore_eos=True) + "\n"
+    assert "no such file" in err and "image 1 attached" in err
