@@ -386,3 +386,58 @@ def test_chat_attaches_an_image_with_a_command(vlm, engine, capsys, monkeypatch,
     out, err = capsys.readouterr()
     assert out == engine.session().send("What is it?", images=[tmp_path / "b.png"], max_new_tokens=6, ignore_eos=True) + "\n"
     assert "no such file" in err and "image 1 attached" in err
+
+
+# ---------------------------------------------------------------- the server
+@pytest.fixture(scope="module")
+def client(vlm):
+    """The openai client, on the server's app in-process (2 slots), for the tiny multimodal model
+    (with room to step back over a reply, so that a request sent again reuses its slot)."""
+    openai = pytest.importorskip("openai")
+    from starlette.testclient import TestClient
+
+    from gemmalite.batching import Scheduler
+    from gemmalite.serve.app import create_app
+
+    engine = gemmalite.load(vlm[0], dtype="float32", compile=False, max_seq_len=256, rewind_margin=64)
+    scheduler = Scheduler(engine, parallel=2)
+    scheduler.start()
+    with TestClient(create_app(engine, scheduler, model="tiny")) as http:
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0), http
+    scheduler.close()
+
+
+def data_url(image, format="PNG") -> str:
+    import base64
+
+    encoded = io.BytesIO()
+    image.save(encoded, format=format)
+    return f"data:image/{format.lower()};base64," + base64.b64encode(encoded.getvalue()).decode()
+
+
+def test_the_server_answers_an_image_message(vlm, engine, client):
+    openai_client, http = client
+    image = picture(18)
+    content = [{"type": "image_url", "image_url": {"url": data_url(image)}}, {"type": "text", "text": "What is it?"}]
+    messages = [{"role": "user", "content": content}]
+    reply = openai_client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+    expected = engine.complete("What is it?", chat=True, images=[image], max_new_tokens=6)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage.prompt_tokens == expected.usage.prompt_tokens
+    again = openai_client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+    assert again.choices[0].message.content == expected.text
+    assert again.usage.prompt_tokens_details.cached_tokens > expected.usage.prompt_tokens // 2  # the image came from the cache
+    jpeg = [{"type": "image_url", "image_url": {"url": data_url(image, "JPEG")}}, {"type": "text", "text": "And this?"}]
+    assert openai_client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": jpeg}], max_tokens=2).choices
+
+
+@pytest.mark.parametrize(
+    "url,word",
+    [("https://example.com/cat.png", "not fetched"), ("data:image/png;base64,@@@", "not valid base64"),
+     ("data:image/png;base64,aGVsbG8=", "not an image"), ("file:///etc/passwd", "only base64 data: URLs")],
+)  # fmt: skip
+def test_the_server_refuses_bad_images_with_400(client, url, word):
+    _, http = client
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Hi"}]
+    answer = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}], "max_tokens": 2})
+    assert answer.status_code == 400 and word in answer.json()["error"]["message"]
