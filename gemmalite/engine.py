@@ -111,7 +111,7 @@ class Engine:
         `prompt` is a string, a list of token ids, or a list of either for a batch (then the
         result is a list). Options: see GenerationOptions (options.py); `logprobs=N` adds each
         token's log-probability and the top N alternatives. `chat` wraps text prompts in Gemma's
-        turn template, with an optional `system` prompt. `images`: see images.py (one list per prompt
+        turn template, with an optional `system` prompt. `images`: see vision/images.py (one list per prompt
         for a batch); each `<start_of_image>` in a prompt is one image, in order.
         """
         single, prompts, texts, seen = self._prompts(prompt, chat, system, images)

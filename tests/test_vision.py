@@ -205,6 +205,24 @@ def test_the_bidirectional_image_mask_changes_the_logits(vlm, engine, monkeypatc
     assert (wrong - right).abs().max() > 1e-2 * right.abs().max()
 
 
+def test_the_mask_opens_each_image_to_itself_only():
+    from gemmalite.mask import attention_mask
+
+    positions = torch.arange(8)[None]
+    valid = torch.ones(1, 8, dtype=torch.bool)
+    spans = [(2, 4), (5, 7)]  # two images, [start, end)
+    start, end = torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long)
+    for a, b in spans:
+        start[0, a:b], end[0, a:b] = a, b
+    for window in (None, 3):
+        mask = attention_mask(positions, valid, positions, valid, window, (start, end))[0, 0]
+        for q in range(8):
+            for k in range(8):
+                same_image = any(a <= q < b and a <= k < b for a, b in spans)
+                expected = (k <= q or same_image) and (window is None or q - k < window)
+                assert bool(mask[q, k]) == expected, (window, q, k)
+
+
 def test_an_image_never_straddles_a_prefill_chunk(engine):
     from gemmalite.runner import chunk_cuts
     from gemmalite.vision import ImageSpan
@@ -441,3 +459,16 @@ def test_the_server_refuses_bad_images_with_400(client, url, word):
     content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Hi"}]
     answer = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}], "max_tokens": 2})
     assert answer.status_code == 400 and word in answer.json()["error"]["message"]
+
+
+def test_compiled_prefill_with_images_equals_eager(vlm, engine):
+    """Compiled prefill chunks with images give eager's first token and log-probabilities, and
+    images add one graph per chunk shape, not one per image or position."""
+    compiled = gemmalite.load(vlm[0], dtype="float32", compile=True, max_seq_len=256, rewind_margin=MARGIN)
+    cases = [(ONE, [picture(19)]), (TWO, [picture(20), picture(21, (20, 70), "L")])]
+    for prompt, images in cases:
+        want = engine.complete(prompt, images=images, max_new_tokens=1, logprobs=3)
+        got = compiled.complete(prompt, images=images, max_new_tokens=1, logprobs=3)
+        assert got.token_ids == want.token_ids
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+    assert len(compiled.runner.compiled_shapes("prefill")) <= 3
