@@ -73,6 +73,8 @@ def chunk_cuts(lengths: list[int], width: int, spans: list[list]) -> list[list[t
             for span in spans[row]:
                 if span.start < end < span.end:
                     end = span.start
+            if end == start < n:
+                raise ValueError(f"an image of {spans[row][0].length} tokens does not fit in {width}-token prefill chunks")
             cuts.append((start, end))
         plan.append(cuts)
         cursors = [end for _, end in cuts]
