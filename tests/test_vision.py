@@ -461,14 +461,19 @@ def test_the_server_refuses_bad_images_with_400(client, url, word):
     assert answer.status_code == 400 and word in answer.json()["error"]["message"]
 
 
-def test_compiled_prefill_with_images_equals_eager(vlm, engine):
-    """Compiled prefill chunks with images give eager's first token and log-probabilities, and
-    images add one graph per chunk shape, not one per image or position."""
-    compiled = gemmalite.load(vlm[0], dtype="float32", compile=True, max_seq_len=256, rewind_margin=MARGIN)
-    cases = [(ONE, [picture(19)]), (TWO, [picture(20), picture(21, (20, 70), "L")])]
-    for prompt, images in cases:
-        want = engine.complete(prompt, images=images, max_new_tokens=1, logprobs=3)
-        got = compiled.complete(prompt, images=images, max_new_tokens=1, logprobs=3)
-        assert got.token_ids == want.token_ids
-        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
-    assert len(compiled.runner.compiled_shapes("prefill")) <= 3
+@pytest.mark.slow
+def test_compiled_prefill_with_images_equals_eager(compiled_engine, tiny_engine):
+    """A compiled prefill chunk holding an image gives eager's logits (on the suite's one compiled
+    engine, with image features made up: the runner does not care where they come from)."""
+    from gemmalite.vision import ImageSpan
+
+    torch.manual_seed(0)
+    ids = tiny_engine.encode("The quick brown fox jumps over the lazy dog, again and again")
+    images = [[(ImageSpan(6, 4), torch.randn(4, TINY["hidden_size"])), (ImageSpan(13, 4), torch.randn(4, TINY["hidden_size"]))]]
+    logits = {}
+    for name, engine in (("eager", tiny_engine), ("compiled", compiled_engine)):
+        cache = engine.runner.new_cache(1)
+        logits[name] = engine.runner.prefill(cache, [ids], images)[0]
+    close((logits["compiled"], logits["eager"]))
+    text_only = tiny_engine.runner.prefill(tiny_engine.runner.new_cache(1), [ids])[0]
+    assert (text_only - logits["eager"]).abs().max() > 1e-3  # the images were really fed
