@@ -143,7 +143,7 @@ def _message(message, index: int) -> tuple[str, str, list[bytes]]:
             if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"].strip())
             elif isinstance(part, dict) and part.get("type") == "image_url":
-                images.append(_image_bytes(part.get("image_url"), f"{where}.content[{j}].image_url"))
+                images.append(_image_bytes(part.get("image_url"), f"{where}.content[{j}].image_url", f"{where}.content"))
                 texts.append(MARKER)
             else:
                 raise APIError(
@@ -158,11 +158,11 @@ def _message(message, index: int) -> tuple[str, str, list[bytes]]:
 DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)$", re.S)
 
 
-def _image_bytes(image_url, param: str) -> bytes:
+def _image_bytes(image_url, where: str, param: str) -> bytes:
     """The bytes of an image_url part: a data: URL with base64 content (nothing is fetched)."""
     url = image_url.get("url") if isinstance(image_url, dict) else image_url
     if not isinstance(url, str):
-        raise APIError(400, f"{param} must be {{url: ...}} with a data: URL", param=param)
+        raise APIError(400, f"{where} must be {{url: ...}} with a data: URL", param=param)
     if url.startswith(("http://", "https://")):
         raise APIError(
             400, "image URLs are not fetched (the server makes no outgoing requests); send the image inline "
@@ -170,11 +170,11 @@ def _image_bytes(image_url, param: str) -> bytes:
         )
     match = DATA_URL.match(url)
     if match is None:
-        raise APIError(400, f"{param}: only base64 data: URLs are accepted (data:image/png;base64,...)", param=param)
+        raise APIError(400, f"{where}: only base64 data: URLs are accepted (data:image/png;base64,...)", param=param)
     try:
         return base64.b64decode(match["data"], validate=True)
     except (binascii.Error, ValueError):
-        raise APIError(400, f"{param}: the data: URL is not valid base64", param=param) from None
+        raise APIError(400, f"{where}: the data: URL is not valid base64", param=param) from None
 
 
 def _job(body: dict, engine, defaults: GenerationOptions, prompt: list[int], *, chat: bool, logprobs: int | None) -> Job:
