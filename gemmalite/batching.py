@@ -74,6 +74,7 @@ from .sampling import (
     set_penalties,
 )
 from .slots import Request, Slot
+from .vision.inputs import remember
 
 PREFILL_BUDGET = PREFILL_CHUNK  # prompt tokens prefilled between two decode steps while others decode
 
@@ -259,7 +260,7 @@ class Scheduler:
             return
         slot = self._choose_slot(request, free)
         if request.reuse:
-            keep = self.cache.reuse(slot.row, prompt)  # steps back to the shared part, or empties the row
+            keep = self.cache.reuse(slot.row, _compared(request))  # steps back to the shared part, or empties the row
         else:
             keep = 0
             self.cache.reset(slot.row)
@@ -282,7 +283,7 @@ class Scheduler:
         """How many of the prompt's tokens this slot's cache can serve (as KVCache.reuse would keep)."""
         if not request.reuse:
             return 0
-        keep = min(self.cache.shared_prefix(slot.row, request.prompt), len(request.prompt) - 1)
+        keep = min(self.cache.shared_prefix(slot.row, _compared(request)), len(request.prompt) - 1)
         return keep if int(self.cache.lengths[slot.row]) - keep <= self.cache.rewindable(slot.row) else 0
 
     def _set_row(self, row: int, settings: SamplingSettings, prompt: list[int]) -> None:
@@ -307,7 +308,7 @@ class Scheduler:
                 if not waiting:
                     return
                 slot = min(waiting, key=lambda s: s.admitted)
-            chunk = slot.pending if budget is None else slot.pending[:budget]
+            chunk = slot.pending if budget is None else slot.pending[: _whole_images(slot, budget)]
             if budget is not None:
                 budget -= len(chunk)
             self._prefill_piece(slot, chunk)
@@ -321,11 +322,17 @@ class Scheduler:
                 else:
                     self.staging.reset()
                 self._filling = slot
+            images = None
+            if slot.request.images is not None:
+                start = len(slot.request.prompt) - len(slot.pending)
+                images = [[(s, f) for s, f in slot.request.images.fed(0, start) if s.start < len(chunk)]]
             with torch.no_grad(), self.runner.lock:
-                logits = self.runner.prefill(self.staging, [chunk])
+                logits = self.runner.prefill(self.staging, [chunk], images)
             slot.pending = slot.pending[len(chunk) :]
             if slot.pending:
                 return
+            if slot.request.images is not None:
+                remember(self.staging, [_compared(slot.request)])
             self._place(slot)
             self._filling = None
             token, chosen = self._first_token(slot, logits)
@@ -461,3 +468,19 @@ class Scheduler:
 def _leading(state: SamplerState | Penalties, n: int):
     """The first n rows of a SamplerState or Penalties, as views."""
     return type(state)(*(t[:n] for t in state))
+
+
+def _compared(request: Request) -> list:
+    """The prompt as prompt reuse compares it: image tokens by their image's content (see vision.inputs)."""
+    return request.prompt if request.images is None else request.images.keyed(0, request.prompt)
+
+
+def _whole_images(slot: Slot, budget: int) -> int:
+    """How many of the slot's pending tokens to prefill now, about `budget`: never part of an image."""
+    if slot.request.images is None:
+        return budget
+    start = len(slot.request.prompt) - len(slot.pending)
+    for span, _ in slot.request.images.fed(0, start):
+        if span.start < budget < span.end:
+            return span.start or span.end  # an image that opens the piece is fed whole
+    return budget

@@ -25,6 +25,9 @@ from . import speculative
 from .session import Session
 from .text import TextStream
 from .tokenizer import END_OF_TURN, Tokenizer, chat_prompt
+from .vision import inputs as vision_inputs
+from .vision import prompt as images_prompt
+from .vision.inputs import ImageInputs
 
 DEFAULT_REWIND_MARGIN = 256  # tokens a sliding ring keeps beyond its window, so caches can step back
 EOS_LIMIT = 4  # how many stop ids a call can carry (the runner's fixed-size eos tensor)
@@ -45,8 +48,12 @@ class Engine:
         rewind_margin: int = DEFAULT_REWIND_MARGIN,
         reuse_prompts: bool = True,
         draft: "Engine | None" = None,
+        image_encoder=None,
+        vision_skipped: bool = False,
     ):
         self.reuse_prompts = reuse_prompts
+        self.image_encoder = image_encoder  # vision.ImageEncoder, or None: text only
+        self.vision_skipped = vision_skipped  # the checkpoint has a tower that load(vision=False) left out
         self.runner = Runner(
             model, device=device, dtype=dtype, compile=compile, max_seq_len=max_seq_len, rewind_margin=rewind_margin
         )
@@ -63,6 +70,13 @@ class Engine:
         if draft is not None:
             speculative.check_draft(self, draft)
             self.draft = draft
+        if image_encoder is not None:
+            vision_inputs.check_fits(image_encoder.config, self.runner.prefill_width(self.runner.new_cache(1, device="meta")))
+
+    @property
+    def vision(self) -> bool:
+        """Whether this engine takes images (the checkpoint has a vision tower, loaded)."""
+        return self.image_encoder is not None
 
     @property
     def config(self) -> GemmaConfig:
@@ -95,18 +109,21 @@ class Engine:
         with self.runner.lock:
             return self.model(ids.to(self.device, torch.long)).float()
 
-    def complete(self, prompt, *, chat: bool = False, system: str | None = None, **options) -> Completion | list[Completion]:
+    def complete(
+        self, prompt, *, chat: bool = False, system: str | None = None, images=None, **options
+    ) -> Completion | list[Completion]:
         """Generate for a prompt and return a Completion: text, token ids, finish reason, usage.
 
         `prompt` is a string, a list of token ids, or a list of either for a batch (then the
         result is a list). Options: see GenerationOptions (options.py); `logprobs=N` adds each
         token's log-probability and the top N alternatives. `chat` wraps text prompts in Gemma's
-        turn template, with an optional `system` prompt.
+        turn template, with an optional `system` prompt. `images`: see vision/images.py (one list per prompt
+        for a batch); each `<start_of_image>` in a prompt is one image, in order.
         """
-        single, prompts, texts = self._prompts(prompt, chat, system)
+        single, prompts, texts, seen = self._prompts(prompt, chat, system, images)
         opts = GenerationOptions.from_kwargs(options)
         results = self._row_results(prompts, opts, texts, chat)
-        steps = self.token_steps(prompts, opts, chat=chat)
+        steps = self.token_steps(prompts, opts, chat=chat, images=seen)
         for result, cached in zip(results, steps.stats.cached_tokens):
             result.cached_tokens = cached
         try:
@@ -125,18 +142,18 @@ class Engine:
         return done[0] if single else done
 
     def complete_stream(
-        self, prompt: str | Sequence[int], *, chat: bool = False, system: str | None = None, **options
+        self, prompt: str | Sequence[int], *, chat: bool = False, system: str | None = None, images=None, **options
     ) -> Iterator[CompletionChunk]:
         """Like complete() for one prompt, yielding CompletionChunks as tokens arrive.
 
         Every argument is checked before this returns. The last chunk has finish_reason and usage.
         """
-        single, prompts, texts = self._prompts(prompt, chat, system)
+        single, prompts, texts, seen = self._prompts(prompt, chat, system, images)
         if not single:
             raise InvalidArgumentError("complete_stream() takes one prompt (a string or a list of token ids)")
         opts = GenerationOptions.from_kwargs(options)
         (result,) = self._row_results(prompts, opts, texts, chat)
-        steps = self.token_steps(prompts, opts, chat=chat, sync_every=1)
+        steps = self.token_steps(prompts, opts, chat=chat, sync_every=1, images=seen)
         result.cached_tokens = steps.stats.cached_tokens[0]
         return self._chunks(steps, result, opts)
 
@@ -151,7 +168,7 @@ class Engine:
         _refuse(options, "logprobs", "generate_ids() returns tokens only; use complete() for logprobs")
         return [c.token_ids for c in self.complete(prompts, **options)]
 
-    def generate(self, prompt: str | Sequence[str], *, chat: bool = False, system: str | None = None, **options):
+    def generate(self, prompt: str | Sequence[str], *, chat: bool = False, system: str | None = None, images=None, **options):
         """The continuation of a prompt (or of each prompt in a list), as text.
 
         Options: see GenerationOptions, with `stop` (strings to stop before).
@@ -162,15 +179,15 @@ class Engine:
                 "use generate_ids() for token ids"
             )
         _refuse(options, "logprobs", "generate() returns text only; use complete() for logprobs")
-        done = self.complete(prompt if isinstance(prompt, str) else list(prompt), chat=chat, system=system, **options)
+        done = self.complete(prompt if isinstance(prompt, str) else list(prompt), chat=chat, system=system, images=images, **options)
         return done.text if isinstance(prompt, str) else [c.text for c in done]
 
-    def stream(self, prompt: str, *, chat: bool = False, system: str | None = None, **options) -> Iterator[str]:
+    def stream(self, prompt: str, *, chat: bool = False, system: str | None = None, images=None, **options) -> Iterator[str]:
         """Yield the continuation as text pieces while tokens arrive (never half a UTF-8 character)."""
         if not isinstance(prompt, str):
             raise InvalidArgumentError("stream() takes one prompt string")
         _refuse(options, "logprobs", "stream() yields text only; use complete_stream() for logprobs")
-        return _texts(self.complete_stream(prompt, chat=chat, system=system, **options))
+        return _texts(self.complete_stream(prompt, chat=chat, system=system, images=images, **options))
 
     def warm_up(self, batch_size: int = 1, **options) -> None:
         """Compile now the decode graph that calls of `batch_size` prompts with these options use.
@@ -204,24 +221,29 @@ class Engine:
         cache: KVCache | None = None,
         sync_every: int = 8,
         histories: list[list[int]] | None = None,
+        images: ImageInputs | None = None,
     ) -> Steps:
         """The runner's token loop for checked prompts. Without a cache, the call takes one of its own.
 
         `histories`: each row's whole transcript before the reply, when the cache already holds
-        part of it (the repetition penalty counts it all); default: the prompts.
+        part of it (the repetition penalty counts it all); default: the prompts. `images`: the
+        prompts' images (vision.prepare), positions counted from the start of each prompt.
         """
         speculation = speculative.plan(self, options)
         stats = self._local.stats = Stats(prompt_tokens=[len(p) for p in prompts])
         own = cache is None
         feed = prompts
+        # Prompt reuse compares image tokens by their image's content (see ImageInputs.keyed).
+        compared = prompts if images is None else [images.keyed(row, p) for row, p in enumerate(prompts)]
         if own:
-            cache = self.runner.checkout(len(prompts), prompts if self.reuse_prompts else None)
+            cache = self.runner.checkout(len(prompts), compared if self.reuse_prompts else None)
             if self.reuse_prompts:
-                stats.cached_tokens = [cache.reuse(row, p) for row, p in enumerate(prompts)]
+                stats.cached_tokens = [cache.reuse(row, p) for row, p in enumerate(compared)]
                 feed = [p[kept:] for p, kept in zip(prompts, stats.cached_tokens)]
             else:
                 cache.reset()
         stats.cached_tokens = stats.cached_tokens or [0] * len(prompts)
+        fed_images = None if images is None else [images.fed(row, kept) for row, kept in enumerate(stats.cached_tokens)]
         steps = generate(
             self.runner,
             cache,
@@ -234,15 +256,18 @@ class Engine:
             histories=histories or (prompts if own else None),
             top_logprobs=options.logprobs,
             speculation=None if speculation is None else speculative.Speculation(self, speculation, stats),
+            images=fed_images,
         )
-        return Steps(self._returning(steps, cache) if own else steps, stats)
+        return Steps(self._returning(steps, cache, None if images is None else compared) if own else steps, stats)
 
-    def _returning(self, steps: Iterator[Block], cache: KVCache) -> Iterator[Block]:
+    def _returning(self, steps: Iterator[Block], cache: KVCache, compared: list[list] | None = None) -> Iterator[Block]:
         """Pass the blocks through; give the cache back to the pool when the loop ends or is closed."""
         try:
             yield from steps
         finally:
             steps.close()
+            if compared is not None:
+                vision_inputs.remember(cache, compared)
             self.runner.checkin(cache)
 
     def text_stream(self, options: GenerationOptions, chat: bool = False) -> TextStream:
@@ -282,19 +307,30 @@ class Engine:
         finally:
             steps.close()
 
-    def _prompts(self, prompt, chat: bool, system: str | None) -> tuple[bool, list[list[int]], bool]:
-        """(one prompt?, checked token ids, were they text?) for complete()'s `prompt`."""
-        if isinstance(prompt, str):
-            return True, self.check_prompts([self.encode(prompt, chat=chat, system=system)]), True
+    def _prompts(self, prompt, chat: bool, system: str | None, given=None):
+        """(one prompt?, checked token ids, were they text?, their ImageInputs or None) for complete()'s `prompt`."""
+        single, prompts, texts, per = self._prompt_ids(prompt, chat, system, given)
+        return single, prompts, texts, None if per is None else vision_inputs.prepare(self.image_encoder, prompts, per)
+
+    def _prompt_ids(self, prompt, chat: bool, system: str | None, given):
+        if given is not None and not self.vision:
+            raise InvalidArgumentError(vision_inputs.no_vision(self))
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
+        single = isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(i, int) for i in prompt))
+        count = len(prompt) if isinstance(prompt, (list, tuple)) and not single else 1
+        per = None if given is None else vision_inputs.per_prompt(given, count, single)
+        counts = [None] * count if per is None else [len(p) for p in per]
+        if isinstance(prompt, str):
+            return True, self.check_prompts([self.encode(prompt, chat=chat, system=system, images=counts[0])]), True, per
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
-            return False, self.check_prompts([self.encode(p, chat=chat, system=system) for p in prompt]), True
+            encoded = [self.encode(p, chat=chat, system=system, images=n) for p, n in zip(prompt, counts)]
+            return False, self.check_prompts(encoded), True, per
         if chat or system is not None:
             raise InvalidArgumentError("chat= and system= apply to text prompts; these are token ids")
-        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(i, int) for i in prompt):
-            return True, self.check_prompts([prompt]), False
-        return False, self.check_prompts(prompt), False
+        if single:
+            return True, self.check_prompts([prompt]), False, per
+        return False, self.check_prompts(prompt), False, per
 
     def _row_results(self, prompts, options: GenerationOptions, texts: bool, chat: bool) -> list[RowResult]:
         if options.stop and not texts:
@@ -314,16 +350,21 @@ class Engine:
         return tuple(dict.fromkeys(ids))[:EOS_LIMIT]
 
     # -------------------------------------------------------------- text
-    def encode(self, text: str, *, chat: bool = False, system: str | None = None) -> list[int]:
+    def encode(self, text: str, *, chat: bool = False, system: str | None = None, images: int | None = None) -> list[int]:
+        """Token ids of a text prompt. With `images` (how many), each <start_of_image> becomes an
+        image's block of tokens, and a chat turn without one gets them at its start."""
         if self.tokenizer is None:
             raise InvalidArgumentError(
                 "this checkpoint has no tokenizer.model, so text input is unavailable; pass token ids to generate_ids()"
             )
         if chat:
-            text = chat_prompt(text, system)
+            text = chat_prompt(text if images is None else images_prompt.with_markers(text, images), system)
         elif system is not None:
             raise InvalidArgumentError("system= needs chat=True")
-        return self.tokenizer.encode(text, bos=True)
+        if images is None:
+            return self.tokenizer.encode(text, bos=True)
+        encode = lambda piece: self.tokenizer.encode(piece, bos=False)  # noqa: E731
+        return [self.tokenizer.bos_id, *images_prompt.expand(text, encode, self.image_encoder.config)]
 
     def decode(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:

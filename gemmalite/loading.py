@@ -81,6 +81,7 @@ def load(
     rewind_margin: int = DEFAULT_REWIND_MARGIN,
     reuse_prompts: bool = True,
     draft: "str | os.PathLike | Engine | None" = None,
+    vision: bool = True,
 ) -> Engine:
     """Load a Gemma 3 checkpoint (local dir, .gguf file or Hub repo id) into an Engine.
 
@@ -89,8 +90,11 @@ def load(
     slots beyond its window); see cache.py. reuse_prompts: keep each call's cache, so that a
     later prompt that starts with the same tokens prefills only the rest. draft: a smaller
     model with the same tokenizer (a source, loaded like this one, or an Engine such as an int8
-    one) that drafts tokens for speculative decoding; see speculative.py.
+    one) that drafts tokens for speculative decoding; see speculative.py. vision: build the
+    image tower when the checkpoint has one (False saves its memory; the engine then takes no images).
     """
+    if not isinstance(vision, bool):
+        raise InvalidArgumentError(f"vision must be True or False, got {vision!r}")
     if isinstance(rewind_margin, bool) or not isinstance(rewind_margin, int) or rewind_margin < 0:
         raise InvalidArgumentError(f"rewind_margin must be an integer >= 0, got {rewind_margin!r}")
     if quantize not in (None, "int8"):
@@ -103,6 +107,11 @@ def load(
     max_seq_len = _max_seq_len(max_seq_len, checkpoint.config.max_position_embeddings)
 
     model = _build_model(checkpoint, device, dtype)
+    image_encoder = None
+    if vision:
+        from .vision import build_encoder  # before packing: the tower reads the checkpoint's own tensors
+
+        image_encoder = build_encoder(checkpoint, checkpoint.config.hidden_size, device, dtype)
     if quantize == "int8":
         from .quantize import quantize_int8
 
@@ -128,6 +137,8 @@ def load(
         rewind_margin=rewind_margin,
         reuse_prompts=bool(reuse_prompts),
         draft=draft,
+        image_encoder=image_encoder,
+        vision_skipped=not vision and "vision_config" in checkpoint.raw_config,
     )
 
 

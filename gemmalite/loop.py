@@ -112,6 +112,7 @@ def generate(
     histories: list[list[int]] | None = None,
     top_logprobs: int | None = None,
     speculation=None,
+    images: list[list] | None = None,
 ) -> Iterator[Block]:
     """Yield, every `sync_every` steps, a Block of the tokens each row produced since the last.
 
@@ -120,6 +121,7 @@ def generate(
     max_new_tokens, or when their transcript reaches max_seq_len. `top_logprobs` (None: off)
     asks for each token's log-probability and the top N alternatives. `speculation` (a
     speculative.Speculation) decodes after prefill instead of the plain steps, to the same tokens.
+    `images`: each row's images among its prompt tokens (see Runner.prefill).
     """
     held = cache.lengths.tolist()
     batch = len(prompts)
@@ -140,7 +142,7 @@ def generate(
     try:
         started = time.perf_counter()
         with torch.no_grad(), runner.lock:
-            logits = runner.prefill(cache, prompts)
+            logits = runner.prefill(cache, prompts, images)
             prefilled = True
             tokens = choose(logits, sampler, penalty, cache.lengths, kind)
             count_tokens(penalty, tokens, torch.ones_like(tokens, dtype=torch.bool))

@@ -8,6 +8,11 @@ at position p when
     p <= q                       (causal),
     q - p < sliding_window       (sliding layers only: the last W positions, q's own included).
 
+Images are the one exception to causality: the soft tokens of one image see each other both
+ways (still within the window on sliding layers), in prefill. `image_spans` gives, for each
+query, the positions [start, end) of the image it belongs to (empty for text); an image never
+sees a later one, and decoding is causal.
+
 Padded queries (rows whose chunk is shorter than T) see every key, so that their softmax has
 something to normalise and no NaN can appear; their outputs are never used.
 """
@@ -23,11 +28,15 @@ def attention_mask(
     key_positions: torch.Tensor,  # [B, K] int64
     key_valid: torch.Tensor,  # [B, K] bool
     sliding_window: int | None,
+    image_spans: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([B, T], [B, T]) start, end
 ) -> torch.Tensor:
     """Boolean mask [B, 1, T, K]: True where the query may attend to the key."""
     q = query_positions[:, :, None]  # [B, T, 1]
     k = key_positions[:, None, :]  # [B, 1, K]
     allowed = key_valid[:, None, :] & (k <= q)
+    if image_spans is not None:
+        start, end = image_spans
+        allowed = allowed | (key_valid[:, None, :] & (k >= start[:, :, None]) & (k < end[:, :, None]))
     if sliding_window is not None:
         allowed = allowed & (q - k < sliding_window)
     allowed = allowed | ~query_valid[:, :, None]

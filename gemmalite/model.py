@@ -195,6 +195,11 @@ class Gemma3(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, *self.rope_settings(sliding), dtype)
         return cos[:, None], sin[:, None]
 
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, hidden], scaled by sqrt(hidden) (the scale cast to their dtype first)."""
+        x = self.embed_tokens(ids)
+        return x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+
     def forward(
         self,
         ids: torch.Tensor,  # [B, T]
@@ -202,19 +207,21 @@ class Gemma3(nn.Module):
         n_new: torch.Tensor | None = None,  # [B] real tokens per row; the rest is padding
         last_only: bool = False,
         span: int | None = None,
+        embeds: torch.Tensor | None = None,  # [B, T, hidden] in place of embed(ids)
+        image_spans: tuple[torch.Tensor, torch.Tensor] | None = None,  # see mask.attention_mask
     ) -> torch.Tensor:
         """Logits [B, T, vocab], or [B, 1, vocab] for each row's last real token if `last_only`.
 
         With a cache, the chunk is appended after each row's cached tokens and the cache advances.
         Global layers attend over the first `span` slots of their buffers (default: all), which must
-        hold every row's tokens once the chunk is in; see KVCache.span.
+        hold every row's tokens once the chunk is in; see KVCache.span. Images come in as `embeds`
+        (the text's embeddings with image features merged in, see vision/) and `image_spans`.
         """
         cfg = self.config
         B, T = ids.shape
         if n_new is None:
             n_new = torch.full((B,), T, dtype=torch.long, device=ids.device)
-        x = self.embed_tokens(ids)
-        x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        x = self.embed(ids) if embeds is None else embeds
 
         if cache is None:  # a plain forward: the chunk is the whole text, and its own keys
             chunk = None
@@ -228,7 +235,7 @@ class Gemma3(nn.Module):
 
         # One mask and one RoPE table per kind of layer, keyed by `sliding`, shared by all blocks.
         masks = {
-            sliding: attention_mask(positions, valid, *keys(sliding), cfg.sliding_window if sliding else None)
+            sliding: attention_mask(positions, valid, *keys(sliding), cfg.sliding_window if sliding else None, image_spans)
             for sliding in (True, False)
         }
         limit = T if cache is None else cache.max_seq_len

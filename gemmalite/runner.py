@@ -58,9 +58,28 @@ def decode_step(
     return next_tokens, active & ~finished, chosen
 
 
-def prefill_chunk(model: Gemma3, cache: KVCache, ids: torch.Tensor, n_new: torch.Tensor, span: int) -> torch.Tensor:
+def prefill_chunk(model: Gemma3, cache: KVCache, ids: torch.Tensor, n_new: torch.Tensor, span: int, embeds=None, image_spans=None) -> torch.Tensor:
     """Append a chunk [B, T] (row b: n_new[b] real tokens, then padding); logits [B, vocab] of each row's last."""
-    return model(ids, cache, n_new=n_new, last_only=True, span=span)[:, 0]
+    return model(ids, cache, n_new=n_new, last_only=True, span=span, embeds=embeds, image_spans=image_spans)[:, 0]
+
+
+def chunk_cuts(lengths: list[int], width: int, spans: list[list]) -> list[list[tuple[int, int]]]:
+    """Each prefill chunk's [start, end) of every row's tokens: at most `width` tokens, and never
+    ending inside one of the row's image `spans` (which are no longer than `width`)."""
+    cursors, plan = [0] * len(lengths), []
+    while any(c < n for c, n in zip(cursors, lengths)):
+        cuts = []
+        for row, (start, n) in enumerate(zip(cursors, lengths)):
+            end = min(start + width, n)
+            for span in spans[row]:
+                if span.start < end < span.end:
+                    end = span.start
+            if end == start < n:
+                raise ValueError(f"an image of {spans[row][0].length} tokens does not fit in {width}-token prefill chunks")
+            cuts.append((start, end))
+        plan.append(cuts)
+        cursors = [end for _, end in cuts]
+    return plan
 
 
 def verify_chunk(model: Gemma3, cache: KVCache, ids: torch.Tensor, n_new: torch.Tensor, span: int) -> torch.Tensor:
@@ -182,10 +201,16 @@ class Runner:
         """(key, input shape) of every graph the decode step (or "prefill") was called with so far."""
         return sorted((key, tuple(shape)) for key, shape in self._shapes_run if key[0] == mode)
 
-    def new_cache(self, batch_size: int) -> KVCache:
+    def new_cache(self, batch_size: int, device: torch.device | str | None = None) -> KVCache:
         return KVCache(
-            self.config, batch_size, self.max_seq_len, rewind_margin=self.rewind_margin, device=self.device, dtype=self.dtype
+            self.config, batch_size, self.max_seq_len, rewind_margin=self.rewind_margin, device=device or self.device, dtype=self.dtype
         )
+
+    def prefill_width(self, cache: KVCache) -> int:
+        """The most tokens a prefill chunk takes: the cache's bound, and no longer than the window either
+        (a ring could take more, but every chunk length is a compiled graph, and small-window models
+        would compile many for nothing)."""
+        return min(PREFILL_CHUNK, cache.longest_chunk, cache.window)
 
     def checkout(self, batch_size: int, prompts: list[list[int]] | None = None) -> KVCache:
         """A cache for one call to use alone: an idle one of this batch size, else a new one.
@@ -223,41 +248,61 @@ class Runner:
             return max((c.nbytes for c in self._idle), default=0)
 
     @torch.no_grad()
-    def prefill(self, cache: KVCache, chunks: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Append each row's tokens to the cache; return float32 logits [B, vocab] of each row's last token."""
+    def prefill(self, cache: KVCache, chunks: Sequence[Sequence[int]], images: Sequence[Sequence] | None = None) -> torch.Tensor:
+        """Append each row's tokens to the cache; return float32 logits [B, vocab] of each row's last token.
+
+        `images`: for each row, the (span, features) of the images among its tokens (see
+        vision.ImageSpan; features [span.length, hidden] in the model's dtype). A chunk never cuts
+        through an image: one image's tokens attend to each other, so they are fed together.
+        """
         lengths = [len(c) for c in chunks]
         cache.check_room(lengths)
         for row, chunk in enumerate(chunks):
             if cache.tokens[row] is not None:
                 cache.tokens[row] = cache.tokens[row] + list(chunk)
         held = cache.lengths.tolist()
-        # Chunks no longer than the window either: a ring could take more, but every chunk length is
-        # a compiled graph, and small-window models would compile many for nothing.
-        width = min(PREFILL_CHUNK, cache.longest_chunk, cache.window)
+        images = images or [()] * len(chunks)
+        width = self.prefill_width(cache)
         # Compiled chunks are padded to a few fixed lengths, so prompts of any length share graphs.
         padded = max(lengths) if not self.compiled else width * (-(-max(lengths) // width))
-        ids = torch.zeros(len(chunks), padded, dtype=torch.long)
+        ids = torch.zeros(len(chunks), padded + width, dtype=torch.long)
         for row, chunk in enumerate(chunks):
             ids[row, : len(chunk)] = torch.as_tensor(chunk, dtype=torch.long)
         ids = ids.to(self.device)
-        remaining = torch.tensor(lengths, device=self.device)
         last = torch.zeros(len(chunks), self.config.vocab_size, device=self.device)
-        for start in range(0, max(lengths), width):
-            size = min(width, max(lengths) - start)
+        for cuts in chunk_cuts(lengths, width, [[span for span, _ in row] for row in images]):
+            size = max(end - start for start, end in cuts)
             if self.compiled:
                 size = prefill_bucket(size, width)
                 if self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()
-            n_new = (remaining - start).clamp(0, width)
-            cache.high = max(h + min(n, start + width) for h, n in zip(held, lengths))
+            starts = torch.tensor([start for start, _ in cuts], device=self.device)
+            n_new = torch.tensor([end - start for start, end in cuts], device=self.device)
+            cache.high = max(h + end for h, (_, end) in zip(held, cuts))
             key = ("prefill", cache.span(cache.high))
             # A fresh tensor: a view's strides would make a new graph per prompt length.
-            chunk = torch.empty((len(chunks), size), dtype=torch.long, device=self.device).copy_(ids[:, start : start + size])
+            offsets = torch.arange(size, device=self.device)
+            chunk = torch.where(offsets < n_new[:, None], ids.gather(1, starts[:, None] + offsets), 0)
+            seen = [[(span, f) for span, f in row if start <= span.start < end] for row, (start, end) in zip(images, cuts)]
+            extra = () if not any(seen) else self._image_inputs(chunk, seen, cuts, held)
             chunk_fn = self._compiled(key, prefill_chunk)
-            logits = self._call(key, chunk.shape, chunk_fn, self.model, cache, chunk, n_new, key[1])
-            ends_here = (n_new > 0) & (remaining <= start + width)
+            logits = self._call(key, chunk.shape, chunk_fn, self.model, cache, chunk, n_new, key[1], *extra)
+            ends_here = torch.tensor([end == n and end > start for (start, end), n in zip(cuts, lengths)], device=self.device)
             last = torch.where(ends_here[:, None], logits.float(), last)
         return last
+
+    def _image_inputs(self, chunk: torch.Tensor, images, cuts, held) -> tuple[torch.Tensor, tuple]:
+        """The chunk's embeddings with its images' features in place, and each query's image span."""
+        embeds = self.model.embed(chunk)
+        first = torch.zeros(chunk.shape, dtype=torch.long)
+        after = torch.zeros(chunk.shape, dtype=torch.long)
+        for row, ((start, _), row_images) in enumerate(zip(cuts, images)):
+            for span, features in row_images:
+                at = span.start - start
+                embeds[row, at : at + span.length] = features.to(embeds.dtype)
+                first[row, at : at + span.length] = held[row] + span.start
+                after[row, at : at + span.length] = held[row] + span.end
+        return embeds, (first.to(self.device), after.to(self.device))
 
     def step(self, cache: KVCache, tokens, active, sampler, penalties, eos_ids, kind: str, with_logprobs: bool):
         """One decode step, compiled when the runner is; the outputs are the caller's to keep.

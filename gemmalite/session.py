@@ -25,6 +25,9 @@ from .errors import ContextLengthError, InvalidArgumentError
 from .loop import Block, Steps
 from .options import GenerationOptions
 from .tokenizer import END_OF_TURN, chat_prompt
+from .vision import inputs as vision_inputs
+from .vision.prompt import ImageSpan
+from .vision import prompt as images_prompt
 
 
 class Session:
@@ -37,6 +40,8 @@ class Session:
         self.cache = engine.runner.new_cache(1)
         self._tokens: list[int] = []
         self._turn_starts: list[int] = []  # where each exchange begins in the transcript
+        # The transcript's images: (span, features, digest), kept to feed them again after a reset.
+        self._images: list[tuple] = []
 
     @property
     def tokens(self) -> list[int]:
@@ -52,6 +57,7 @@ class Session:
         """Forget the conversation: an empty transcript and an empty cache."""
         self._tokens = []
         self._turn_starts = []
+        self._images = []
         self.cache.reset()
 
     def undo(self) -> None:
@@ -63,6 +69,7 @@ class Session:
     def _truncate(self, length: int) -> None:
         """Cut the transcript to `length` tokens and the cache to match, stepping back when it can."""
         self._tokens = self._tokens[:length]
+        self._images = [image for image in self._images if image[0].end <= length]
         drop = int(self.cache.lengths[0]) - length
         if drop > self.cache.rewindable(0):
             self.cache.reset()  # the next turn feeds the whole transcript again
@@ -76,18 +83,28 @@ class Session:
         other.cache = self.cache.fork()
         other._tokens = list(self._tokens)
         other._turn_starts = list(self._turn_starts)
+        other._images = list(self._images)
         return other
 
-    def send(self, text: str, **options) -> str:
-        """Add a user turn (or plain text when chat=False) and return the model's reply."""
-        return "".join(self.stream(text, **options))
+    def send(self, text: str, images=None, **options) -> str:
+        """Add a user turn (or plain text when chat=False) and return the model's reply.
 
-    def stream(self, text: str, **options) -> Iterator[str]:
+        `images`: the turn's images, one per <start_of_image> in `text` (a chat turn without one
+        gets them at its start); see Engine.complete."""
+        return "".join(self.stream(text, images, **options))
+
+    def stream(self, text: str, images=None, **options) -> Iterator[str]:
         """Like `send`, yielding the reply in pieces. Stopping early keeps the session usable."""
         if not isinstance(text, str):
             raise InvalidArgumentError("a session turn is a string")
         opts = GenerationOptions.from_kwargs(options)
-        steps = self._turn(self._turn_tokens(text), opts)
+        engine = self.engine
+        if images is not None and not engine.vision:
+            raise InvalidArgumentError(vision_inputs.no_vision(engine))
+        given = None if images is None else vision_inputs.per_prompt(images, 1, True)[0]
+        turn = self._turn_tokens(text, None if given is None else len(given))
+        new = None if given is None else vision_inputs.prepare(engine.image_encoder, [turn], [given])
+        steps = self._turn(turn, opts, new)
         return self._reply_text(steps, self.engine.text_stream(opts, self.chat))
 
     def _reply_text(self, steps, text) -> Iterator[str]:
@@ -115,7 +132,7 @@ class Session:
             reply.extend(piece)
         return reply
 
-    def _turn(self, turn: list[int], options: GenerationOptions) -> Steps:
+    def _turn(self, turn: list[int], options: GenerationOptions, new_images=None) -> Steps:
         """Append a turn's tokens and decode the reply: the engine's loop, on this session's cache."""
         engine = self.engine
         if not turn:
@@ -129,7 +146,15 @@ class Session:
         # Everything is checked before the transcript changes: a bad argument loses nothing.
         prompt = engine.check_prompts([self._tokens[fed:] + turn])
         history = [self._tokens + turn]
-        steps = engine.token_steps(prompt, options, chat=self.chat, cache=self.cache, sync_every=1, histories=history)
+        images = self._images + [
+            (ImageSpan(span.start + len(self._tokens), span.length), features, digest)
+            for (span, features), digest in zip(new_images.rows[0], new_images.digests[0])
+        ] if new_images is not None else self._images
+        # The images among the tokens fed now: after a reset, the history's too.
+        fed_images = [(ImageSpan(span.start - fed, span.length), f, d) for span, f, d in images if span.start >= fed]
+        seen = None if not fed_images else vision_inputs.ImageInputs([[(span, f) for span, f, _ in fed_images]], [[d for *_, d in fed_images]])
+        steps = engine.token_steps(prompt, options, chat=self.chat, cache=self.cache, sync_every=1, histories=history, images=seen)
+        self._images = images
         self._turn_starts.append(len(self._tokens))
         self._tokens.extend(turn)
         return Steps(self._record(steps), steps.stats)
@@ -149,15 +174,24 @@ class Session:
                 # cache over; the next turn feeds the whole transcript again.
                 self.cache.reset()
 
-    def _turn_tokens(self, text: str) -> list[int]:
+    def _turn_tokens(self, text: str, images: int | None = None) -> list[int]:
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise InvalidArgumentError("text turns need a tokenizer.model; this checkpoint has none (use send_ids)")
+
+        def encode(text: str, bos: bool) -> list[int]:
+            if images is None:
+                return tokenizer.encode(text, bos=bos)
+            plain = lambda piece: tokenizer.encode(piece, bos=False)  # noqa: E731
+            return [tokenizer.bos_id] * bos + images_prompt.expand(text, plain, self.engine.image_encoder.config)
+
         if not self.chat:
-            return tokenizer.encode(text, bos=not self._tokens)
+            return encode(text, bos=not self._tokens)
+        if images is not None:
+            text = images_prompt.with_markers(text, images)
         if not self._tokens:
-            return tokenizer.encode(chat_prompt(text, self.system), bos=True)
+            return encode(chat_prompt(text, self.system), bos=True)
         end_of_turn = tokenizer.token_id(END_OF_TURN)
         # Close the model's turn: its reply ends with <end_of_turn> unless it was cut short.
         closing = "\n" if self._tokens[-1] == end_of_turn else f"{END_OF_TURN}\n"
-        return tokenizer.encode(closing + chat_prompt(text), bos=False)
+        return encode(closing + chat_prompt(text), bos=False)

@@ -30,6 +30,7 @@ class Request:
     chat: bool = False  # stop at <end_of_turn> as well as eos
     reuse: bool = True  # may start from a slot's cached prefix
     cancelled: bool = False
+    images: object = None  # the prompt's vision.ImageInputs, or None
 
 
 class Slot:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ class Checkpoint:
     weight_files: list[Path]
     tokenizer_file: Path | None
     generation_config: dict
+    raw_config: dict = field(default_factory=dict)  # config.json as read (the vision part reads its own)
 
 
 def resolve(source: str | os.PathLike) -> Path:
@@ -90,7 +91,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{path} has no config.json; is it a Gemma 3 checkpoint directory?")
-    config = GemmaConfig.from_hf(_read_json(config_file))
+    raw = _read_json(config_file)
+    config = GemmaConfig.from_hf(raw)
     tokenizer = path / "tokenizer.model"
     generation = path / "generation_config.json"
     return Checkpoint(
@@ -99,6 +101,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         weight_files=_weight_files(path),
         tokenizer_file=tokenizer if tokenizer.is_file() else None,
         generation_config=_read_json(generation) if generation.is_file() else {},
+        raw_config=raw,
     )
 
 
@@ -173,14 +176,33 @@ def text_weight_name(name: str) -> str | None:
     return name
 
 
+# The vision parts of a multimodal checkpoint, as the Hub names them (`vision_tower.vision_model.`,
+# `multi_modal_projector.`), as transformers 5 does (`model.vision_tower.`, `model.multi_modal_projector.`)
+# and as it saves them (`vision_tower.`): the tower's names become `tower.`, the projector's `projector.`.
+VISION_NAME = re.compile(r"^(?:model\.)?(?:vision_tower\.(?:vision_model\.)?(?P<tower>.+)|multi_modal_projector\.(?P<projector>.+))$")
+
+
+def vision_weight_name(name: str) -> str | None:
+    """The image encoder's parameter name for a checkpoint tensor, or None for the text model's."""
+    match = VISION_NAME.match(name)
+    if match is None:
+        return None
+    return f"tower.{match['tower']}" if match["tower"] else f"projector.{match['projector']}"
+
+
 def load_state_dict(
-    checkpoint: Checkpoint, expected: dict[str, torch.Size], device: torch.device, dtype: torch.dtype
+    checkpoint: Checkpoint,
+    expected: dict[str, torch.Size],
+    device: torch.device,
+    dtype: torch.dtype,
+    rename=text_weight_name,
 ) -> dict[str, torch.Tensor]:
     """Read every expected tensor once, straight to `device` and `dtype`, checking names and shapes.
 
     safetensors maps the file: a tensor already in the target dtype on CPU stays a view of the
     mapping (no copy). A tensor that needs converting is read from a short-lived mapping, so the
     source pages are released as soon as it is converted and peak memory stays near the result.
+    `rename` gives the model's name of a checkpoint tensor, or None for tensors it skips.
     """
     state: dict[str, torch.Tensor] = {}
     for file in checkpoint.weight_files:
@@ -188,7 +210,7 @@ def load_state_dict(
             with safe_open(str(file), framework="pt", device=str(device)) as f:
                 names = []
                 for name in f.keys():
-                    key = text_weight_name(name)
+                    key = rename(name)
                     if key is None:
                         continue
                     if key not in expected:

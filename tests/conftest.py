@@ -35,8 +35,9 @@ CORPUS = [
 ] * 20
 
 
-def train_tokenizer(directory: Path) -> Path:
-    """A small BPE SentencePiece model with Gemma's special ids (pad 0, eos 1, bos 2, unk 3)."""
+def train_tokenizer(directory: Path, symbols: tuple[str, ...] = ()) -> Path:
+    """A small BPE SentencePiece model with Gemma's special ids (pad 0, eos 1, bos 2, unk 3);
+    `symbols` are more pieces kept whole, after the turn markers."""
     import sentencepiece as spm
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,7 @@ def train_tokenizer(directory: Path) -> Path:
         add_dummy_prefix=False,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>", *symbols],
         minloglevel=2,
     )
     corpus.unlink()

@@ -11,7 +11,7 @@ import argparse
 import sys
 from dataclasses import asdict
 
-from ..errors import ContextLengthError, InvalidArgumentError, one_line
+from ..errors import ContextLengthError, GemmaliteError, InvalidArgumentError, one_line
 from .console import EXIT_OK, PROG, info, note, write_out
 from .defaults import with_sampling_defaults
 from .options import (
@@ -25,7 +25,10 @@ from .options import (
 )
 
 HINT = "type a message and press Enter; /reset starts over, /exit quits; Ctrl-C stops a reply, Ctrl-D exits"
-COMMANDS = "commands: /reset (start a new conversation), /exit or /quit (leave); Ctrl-C stops a reply"
+COMMANDS = (
+    "commands: /image PATH (attach an image to your next message), /reset (start a new conversation), "
+    "/exit or /quit (leave); Ctrl-C stops a reply"
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             pass
     info(args, HINT)
+    images: list = []  # attached with /image, sent with the next message
     while True:
         try:
             line = input("> " if interactive else "")
@@ -65,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         if not line.startswith("/"):
-            reply(session, line, asdict(options))
+            reply(session, line, asdict(options), images or None)
+            images = []
+        elif line.split()[0].lower() == "/image":
+            attach(session, line.split(maxsplit=1)[1].strip() if len(line.split()) > 1 else "", images)
         elif not run_command(session, line.split()[0].lower()):
             return EXIT_OK
 
@@ -82,11 +89,29 @@ def run_command(session, command: str) -> bool:
     return True
 
 
-def reply(session, text: str, options: dict) -> None:
+def attach(session, path: str, images: list) -> None:
+    """/image PATH: check the image now, send it with the next message."""
+    from ..vision.images import open_image
+
+    if not session.engine.vision:
+        note(f"{PROG}: this model takes no images")
+    elif not path:
+        note("usage: /image PATH")
+    else:
+        try:
+            open_image(path, path)
+        except GemmaliteError as e:
+            note(f"{PROG}: {one_line(e)}")
+            return
+        images.append(path)
+        note(f"[image {len(images)} attached: it goes with your next message]")
+
+
+def reply(session, text: str, options: dict, images: list | None = None) -> None:
     """Stream one reply to stdout. Ctrl-C stops it; the session keeps the part already produced."""
     pieces = None
     try:
-        pieces = session.stream(text, **options)
+        pieces = session.stream(text, images, **options)
         for piece in pieces:
             write_out(piece)
     except KeyboardInterrupt:
@@ -95,6 +120,9 @@ def reply(session, text: str, options: dict) -> None:
         return
     except ContextLengthError as e:
         note(f"{PROG}: {one_line(e)} (type /reset to start a new conversation)")
+        return
+    except GemmaliteError as e:  # an image that cannot be read, or as many markers as images
+        note(f"{PROG}: {one_line(e)}")
         return
     finally:
         if pieces is not None:

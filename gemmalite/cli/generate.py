@@ -31,6 +31,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", help="text to continue; read from stdin when absent (one trailing newline dropped)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's chat template (for instruction-tuned models)")
     add_system_arg(parser, "system prompt (needs --chat)")
+    parser.add_argument(
+        "--image",
+        action="append",
+        metavar="PATH",
+        help="an image file for the prompt (repeat for more): one per <start_of_image> in the prompt, in order; "
+        "with --chat and no marker they open the user's turn (needs a Gemma 3 4B, 12B or 27B checkpoint)",
+    )
     add_model_args(parser)
     add_generation_args(parser)
     output = parser.add_argument_group("output")
@@ -73,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     engine = load_engine(args)
     options, sampling = with_sampling_defaults(options, engine.defaults)
     info(args, sampling)
-    n_prompt = len(engine.encode(prompt, chat=args.chat, system=args.system))
+    images = args.image  # None: no images
+    n_prompt = len(engine.encode(prompt, chat=args.chat, system=args.system, images=None if images is None else len(images)))
     if n_prompt >= engine.max_seq_len:
         raise ContextLengthError(
             f"the prompt has {n_prompt} tokens, but --max-seq-len is {engine.max_seq_len}; "
@@ -85,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     elif options.logprobs is not None:
         write_text_and_table(engine, prompt, args, options)
     else:
-        write_text(engine.stream(prompt, chat=args.chat, system=args.system, **asdict(options)))
+        write_text(engine.stream(prompt, chat=args.chat, system=args.system, images=images, **asdict(options)))
     report_speed(args, engine, n_prompt)
     return EXIT_OK
 
@@ -106,7 +114,7 @@ def write_text(pieces) -> None:
 def write_text_and_table(engine, prompt: str, args: argparse.Namespace, options: GenerationOptions) -> None:
     """The text on stdout as it arrives, then the table of tokens on stderr."""
     table = TokenTable(options.logprobs)
-    chunks = engine.complete_stream(prompt, chat=args.chat, system=args.system, **asdict(options))
+    chunks = engine.complete_stream(prompt, chat=args.chat, system=args.system, images=args.image, **asdict(options))
 
     def pieces():
         try:
@@ -122,7 +130,7 @@ def write_text_and_table(engine, prompt: str, args: argparse.Namespace, options:
 
 def write_json(engine, prompt: str, args: argparse.Namespace, options: GenerationOptions) -> None:
     """JSON lines on stdout: one per new token, then {"text", "finish_reason", "usage"}."""
-    chunks = engine.complete_stream(prompt, chat=args.chat, system=args.system, **asdict(options))
+    chunks = engine.complete_stream(prompt, chat=args.chat, system=args.system, images=args.image, **asdict(options))
     text = ""
     try:
         for chunk in chunks:  # the last one has finish_reason and usage

@@ -33,9 +33,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..batching import Scheduler
-from ..errors import GemmaliteError, InvalidArgumentError, QueueFullError
+from ..errors import GemmaliteError, InvalidArgumentError, MissingExtraError, QueueFullError
 from ..options import GenerationOptions
 from ..slots import Request
+from ..vision.inputs import prepare as prepare_images
 from . import protocol
 from .auth import RequireKey
 from .protocol import Answer, APIError, Job
@@ -218,6 +219,14 @@ class API:
         except InvalidArgumentError as e:
             return error_response(APIError(400, str(e)))
         loop = asyncio.get_running_loop()
+        images = None
+        if job.images:  # read and encoded off the event loop: the tower takes a while
+            try:
+                images = await loop.run_in_executor(None, prepare_images, self.engine.image_encoder, [job.prompt], [list(job.images)])
+            except InvalidArgumentError as e:
+                return error_response(APIError(400, str(e), param="messages"))
+            except MissingExtraError as e:
+                return error_response(APIError(500, str(e)))
         events: asyncio.Queue = asyncio.Queue()
         answer = Answer(job, self.model_name, self.engine.tokenizer)
         record = RequestRecord(answer.id, len(job.prompt), arrived=arrived)
@@ -229,7 +238,7 @@ class API:
                 record.tokens(len(item.token_ids))
             loop.call_soon_threadsafe(events.put_nowait, item)
 
-        task = Request(job.prompt, job.options, deliver, chat=job.chat, reuse=job.reuse)
+        task = Request(job.prompt, job.options, deliver, chat=job.chat, reuse=job.reuse, images=images)
         try:
             self.scheduler.submit(task)
         except QueueFullError as e:

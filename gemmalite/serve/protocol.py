@@ -10,18 +10,21 @@ Field names and shapes follow the OpenAI API; the extensions are vLLM's and llam
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
 import time
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from ..completion import CompletionChunk, Usage
 from ..errors import GemmaliteError, InvalidArgumentError
 from ..options import MAX_LOGPROBS, GenerationOptions
 from ..speculative import prediction_usage
 from ..tokenizer import chat_messages_prompt
+from ..vision.prompt import MARKER
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 UNSUPPORTED = (  # fields whose use would change the answer; refused rather than ignored
@@ -57,6 +60,7 @@ class Job:
     stream: bool
     include_usage: bool  # stream_options.include_usage
     reuse: bool  # cache_prompt: may start from a cached prefix
+    images: tuple[bytes, ...] = ()  # the encoded images of image_url parts, in order
 
 
 def parse_json(raw: bytes) -> dict:
@@ -82,17 +86,21 @@ def parse_chat(body: dict, engine, defaults: GenerationOptions) -> Job:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
-    pairs = [_message(m, i) for i, m in enumerate(messages)]
+    parsed = [_message(m, i) for i, m in enumerate(messages)]
+    images = tuple(image for _, _, found in parsed for image in found)
+    if images and not engine.vision:
+        raise APIError(400, "this model is text-only: it takes no images (a Gemma 3 4B, 12B or 27B does)", param="messages")
     try:
-        text = chat_messages_prompt(pairs)
+        text = chat_messages_prompt([(role, content) for role, content, _ in parsed])
     except InvalidArgumentError as e:
         raise APIError(400, str(e), param="messages") from None
     logprobs = _get(body, "logprobs", bool)
     top = _get(body, "top_logprobs", int, lambda v: 0 <= v <= MAX_LOGPROBS, f"an integer in [0, {MAX_LOGPROBS}]")
     if top is not None and not logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    prompt = _check_length(engine, engine.encode(text), "messages")
-    return _job(body, engine, defaults, prompt, chat=True, logprobs=(top or 0) if logprobs else None)
+    prompt = _check_length(engine, engine.encode(text, images=len(images) if images else None), "messages")
+    job = _job(body, engine, defaults, prompt, chat=True, logprobs=(top or 0) if logprobs else None)
+    return replace(job, images=images)
 
 
 def parse_completion(body: dict, engine, defaults: GenerationOptions) -> Job:
@@ -117,7 +125,7 @@ def parse_completion(body: dict, engine, defaults: GenerationOptions) -> Job:
     return _job(body, engine, defaults, _check_length(engine, ids, "prompt"), chat=False, logprobs=logprobs)
 
 
-def _message(message, index: int) -> tuple[str, str]:
+def _message(message, index: int) -> tuple[str, str, list[bytes]]:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise APIError(400, f"{where} must be an object with role and content", param=where)
@@ -129,13 +137,45 @@ def _message(message, index: int) -> tuple[str, str]:
     content = message.get("content")
     if content is None and role == "assistant":
         content = ""
-    if isinstance(content, list):  # parts, joined as Gemma's template joins them
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-            raise APIError(400, f"{where}.content: only text parts ({{type: text, text}}) are supported", param=f"{where}.content")
-        content = "".join(p["text"].strip() for p in content)
+    images = []
+    if isinstance(content, list):  # parts, joined as Gemma's template joins them: an image is its marker
+        texts = []
+        for j, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"].strip())
+            elif isinstance(part, dict) and part.get("type") == "image_url":
+                images.append(_image_bytes(part.get("image_url"), f"{where}.content[{j}].image_url", f"{where}.content"))
+                texts.append(MARKER)
+            else:
+                raise APIError(
+                    400, f"{where}.content: only text and image_url parts are supported", param=f"{where}.content"
+                )
+        content = "".join(texts)
     if not isinstance(content, str):
         raise APIError(400, f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
-    return ROLES[role], content
+    return ROLES[role], content, images
+
+
+DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)$", re.S)
+
+
+def _image_bytes(image_url, where: str, param: str) -> bytes:
+    """The bytes of an image_url part: a data: URL with base64 content (nothing is fetched)."""
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    if not isinstance(url, str):
+        raise APIError(400, f"{where} must be {{url: ...}} with a data: URL", param=param)
+    if url.startswith(("http://", "https://")):
+        raise APIError(
+            400, "image URLs are not fetched (the server makes no outgoing requests); send the image inline "
+            "as a data: URL, e.g. data:image/png;base64,...", param=param
+        )
+    match = DATA_URL.match(url)
+    if match is None:
+        raise APIError(400, f"{where}: only base64 data: URLs are accepted (data:image/png;base64,...)", param=param)
+    try:
+        return base64.b64decode(match["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, f"{where}: the data: URL is not valid base64", param=param) from None
 
 
 def _job(body: dict, engine, defaults: GenerationOptions, prompt: list[int], *, chat: bool, logprobs: int | None) -> Job:
