@@ -12,7 +12,8 @@ used whenever a checkpoint has it). Sampling alone still lets the base 270M loop
 it repeated one sentence to the token limit. So these defaults add a repetition penalty of 1.1
 over the last 64 tokens (ollama's defaults): tried on the README's prompt, it read well and the
 loop was gone (figures in docs/benchmarks.md). Flags always win, one by one; --temperature 0
-is greedy.
+is plain greedy, as in the Python API (the penalty belongs to the sampling defaults; give
+--repeat-penalty to have both).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def with_sampling_defaults(options: GenerationOptions, checkpoint: SamplingSetti
     `checkpoint` is the engine's defaults: greedy when generation_config.json has no do_sample.
     """
     defaults, origin = (CLI_SAMPLING, FROM_CLI) if checkpoint.greedy else (checkpoint, FROM_CHECKPOINT)
+    if origin is FROM_CLI and options.temperature == 0:
+        defaults = replace(defaults, repetition_penalty=1.0, repeat_last_n=-1)
     settings = options.sampling(defaults)
     filled = replace(options, **{name: getattr(settings, name) for name in NAMES})
     given = {name for name in NAMES if getattr(options, name) is not None}

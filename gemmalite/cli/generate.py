@@ -139,7 +139,7 @@ def write_json(engine, prompt: str, args: argparse.Namespace, options: Generatio
             text += chunk.text
     finally:
         chunks.close()
-    write_out(json_line({"text": text, "finish_reason": chunk.finish_reason, "usage": asdict(chunk.usage)}))
+    write_out(json_line({"text": text, "finish_reason": chunk.finish_reason, "usage": {k: v for k, v in asdict(chunk.usage).items() if v is not None}}))
 
 
 def report_speed(args: argparse.Namespace, engine, n_prompt: int) -> None:
