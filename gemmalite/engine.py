@@ -16,6 +16,7 @@ from .cache import KVCache
 from .completion import Completion, CompletionChunk, RowResult
 from .config import GemmaConfig
 from .errors import ContextLengthError, InvalidArgumentError
+from .grammar import Grammars
 from .model import Gemma3
 from .options import GenerationOptions
 from .loop import Block, Stats, Steps, generate
@@ -57,6 +58,8 @@ class Engine:
         self.defaults = defaults
         self.eos_ids = tuple(dict.fromkeys([*model.config.eos_token_ids, *eos_ids]))
         self._local = threading.local()  # per thread: the last call's Stats
+        # Structured output (grammar.py): the vocabulary as the grammar library sees it, built on first use.
+        self.grammars = Grammars(tokenizer, model.config.vocab_size, self.eos_ids[0] if self.eos_ids else 1)
 
     @property
     def config(self) -> GemmaConfig:
@@ -202,6 +205,7 @@ class Engine:
         `histories`: each row's whole transcript before the reply, when the cache already holds
         part of it (the repetition penalty counts it all); default: the prompts.
         """
+        grammars = self.row_grammars(options, len(prompts), chat)  # checked before any work
         stats = self._local.stats = Stats(prompt_tokens=[len(p) for p in prompts])
         own = cache is None
         feed = prompts
@@ -224,8 +228,17 @@ class Engine:
             sync_every=sync_every,
             histories=histories or (prompts if own else None),
             top_logprobs=options.logprobs,
+            grammars=grammars,
         )
         return Steps(self._returning(steps, cache) if own else steps, stats)
+
+    def row_grammars(self, options: GenerationOptions, batch_size: int, chat: bool = False) -> list:
+        """One matcher per row for the options' json_schema, regex or grammar (none: an empty list)."""
+        constraint = options.constraint
+        if constraint is None:
+            return []
+        compiled = self.grammars.compile(constraint)
+        return [compiled.matcher(self.stop_ids(options.ignore_eos, chat)) for _ in range(batch_size)]
 
     def _returning(self, steps: Iterator[Block], cache: KVCache) -> Iterator[Block]:
         """Pass the blocks through; give the cache back to the pool when the loop ends or is closed."""

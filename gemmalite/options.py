@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .errors import InvalidArgumentError
+from .grammar import Constraint, constraint_from, schema_text
 from .sampling import SamplingSettings
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -33,6 +34,11 @@ class GenerationOptions:
     logprobs: int | None = None  # None: off; N: each chosen token's log-probability and the top N others
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
+    # Structured output (grammar.py), one at most: a JSON Schema (dict or JSON text; True: any JSON
+    # object), a regular expression, or a Lark/GBNF grammar that the whole reply follows.
+    json_schema: dict | str | bool | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
     def __post_init__(self):
         n = self.max_new_tokens
@@ -44,6 +50,9 @@ class GenerationOptions:
         if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
             raise InvalidArgumentError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (the top alternatives to report), got {lp!r}")
         object.__setattr__(self, "stop", parse_stops(self.stop))
+        if isinstance(self.json_schema, dict):  # held as JSON text: options stay hashable
+            object.__setattr__(self, "json_schema", schema_text(self.json_schema))
+        constraint_from(self.json_schema, self.regex, self.grammar)
         # Check the sampling values now, with neutral stand-ins for what is left to the defaults.
         self.sampling(SamplingSettings())
 
@@ -57,6 +66,11 @@ class GenerationOptions:
                 f"unknown generation option(s) {', '.join(unknown)}; the options are {', '.join(sorted(known))}"
             )
         return cls(**kwargs)
+
+    @property
+    def constraint(self) -> Constraint | None:
+        """What the reply must follow, if anything (see grammar.py)."""
+        return constraint_from(self.json_schema, self.regex, self.grammar)
 
     @property
     def new_tokens(self) -> int:
