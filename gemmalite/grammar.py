@@ -59,7 +59,8 @@ def constraint_from(json_schema=None, regex=None, grammar=None) -> Constraint | 
     `json_schema` is a dict, its JSON text, or True for any JSON object; `regex` a regular
     expression the whole reply matches; `grammar` a Lark or GBNF grammar. One of them at most.
     """
-    given = [name for name, value in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar)) if value not in (None, False)]
+    asked = (("json_schema", json_schema), ("regex", regex), ("grammar", grammar))
+    given = [name for name, value in asked if value not in (None, False)]
     if len(given) > 1:
         raise InvalidArgumentError(f"{' and '.join(given)} cannot be combined: give one constraint for the reply")
     if json_schema is True:

@@ -192,16 +192,18 @@ def main() -> None:
     parser.add_argument("--replies", type=int, default=0, metavar="N", help="replies per schema")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--speed", action="store_true")
+    parser.add_argument("--speed-tokens", type=int, default=64, help="most tokens of each --speed call")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--dtype", default=None, help="bfloat16 (default) or float32 (faster on CPUs without bf16 units)")
     args = parser.parse_args()
-    engine = gemmalite.load(args.model, device="cpu", compile=args.compile)
-    print(f"{args.model}: torch {__import__('torch').__version__}, {time.strftime('%Y-%m-%d')}")
+    engine = gemmalite.load(args.model, device="cpu", compile=args.compile, dtype=args.dtype)
+    print(f"{args.model} ({engine.dtype}): torch {__import__('torch').__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
     if args.libraries:
         libraries(engine)
+    if args.speed:
+        speed(engine, args.speed_tokens)
     if args.replies:
         replies(engine, args.replies, args.max_new_tokens)
-    if args.speed:
-        speed(engine, args.max_new_tokens)
 
 
 if __name__ == "__main__":

@@ -198,12 +198,14 @@ def _constraint(body: dict) -> tuple[str | None, dict]:
             spec = response_format.get("json_schema")
             where = "response_format.json_schema"
             if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-                raise APIError(400, f"{where} must be an object with a schema (a JSON Schema object), a name and optionally strict", param=where)
+                message = f"{where} must be an object with a schema (a JSON Schema object), a name and optionally strict"
+                raise APIError(400, message, param=where)
             _get(spec, "name", str, name=f"{where}.name")
             _get(spec, "strict", bool, name=f"{where}.strict")  # the reply always follows the schema
             given.append(("response_format", {"json_schema": spec["schema"]}))
         elif kind != "text":
-            raise APIError(400, "response_format must be {type: text}, {type: json_object} or {type: json_schema, json_schema: {name, schema, strict}}", param="response_format")
+            shapes = "{type: text}, {type: json_object} or {type: json_schema, json_schema: {name, schema, strict}}"
+            raise APIError(400, f"response_format must be {shapes}", param="response_format")
     if body.get("json_schema") is not None:
         schema = body["json_schema"]
         if not isinstance(schema, dict):
