@@ -60,12 +60,12 @@ def constraint_from(json_schema=None, regex=None, grammar=None) -> Constraint | 
     expression the whole reply matches; `grammar` a Lark or GBNF grammar. One of them at most.
     """
     asked = (("json_schema", json_schema), ("regex", regex), ("grammar", grammar))
-    given = [name for name, value in asked if value not in (None, False)]
+    given = [name for name, value in asked if value is not None and value is not False]
     if len(given) > 1:
         raise InvalidArgumentError(f"{' and '.join(given)} cannot be combined: give one constraint for the reply")
     if json_schema is True:
         return Constraint("json_schema", ANY_OBJECT)
-    if json_schema not in (None, False):
+    if json_schema is not None and json_schema is not False:
         return Constraint("json_schema", schema_text(json_schema))
     for kind, value in (("regex", regex), ("grammar", grammar)):
         if value is not None:
