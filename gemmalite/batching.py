@@ -57,6 +57,7 @@ import torch
 
 from .completion import RowResult
 from .errors import ContextLengthError, GemmaliteError, InvalidArgumentError, QueueFullError
+from .grammar import Guide
 from .options import MAX_LOGPROBS, GenerationOptions
 from .runner import PREFILL_CHUNK, choose
 from .sampling import (
@@ -113,6 +114,7 @@ class Scheduler:
             n: (self.cache.leading_rows(n), _leading(self.sampler, n), _leading(self.penalties, n)) for n in self.sizes
         }
         self.decode_steps: Counter[int] = Counter()  # steps run, by batch size (the server's metrics read it)
+        self.guide = Guide(parallel, engine.grammars.words, device)  # per-request json_schema/regex/grammar
         self._waiting: deque[Request] = deque()
         self._filling: Slot | None = None  # the slot whose prompt is in the staging cache
         self._clock = itertools.count(1)
@@ -258,7 +260,9 @@ class Scheduler:
         if budget == 0:
             self._send(request, result.last_chunk("length"))
             return
+        grammar = engine.row_grammars(options, 1, request.chat)  # compiled (or refused) before the slot is touched
         slot = self._choose_slot(request, free)
+        self.guide.set(slot.row, grammar[0] if grammar else None)
         if request.reuse:
             keep = self.cache.reuse(slot.row, _compared(request))  # steps back to the shared part, or empties the row
         else:
@@ -350,7 +354,8 @@ class Scheduler:
         kind = sampling_kind([slot.settings])
         sampler = None if kind == GREEDY else row_view(self.sampler, row)
         penalty: Penalties = row_view(self.penalties, row)
-        token = choose(logits, sampler, penalty, self.cache.lengths[row : row + 1], kind)
+        allowed = self.guide.allowed(row) if row in self.guide.rows else None
+        token = choose(logits, sampler, penalty, self.cache.lengths[row : row + 1], kind, allowed)
         count_tokens(penalty, token, torch.ones_like(token, dtype=torch.bool))
         chosen = logprobs(logits, token, MAX_LOGPROBS) if slot.top is not None else None
         return int(token[0]), None if chosen is None else [t[0].tolist() for t in chosen]
@@ -384,6 +389,7 @@ class Scheduler:
         """Swap two slots' rows: their sampling and penalty settings, and their row numbers."""
         for t in (*self.sampler, *self.penalties):
             t[[a.row, b.row]] = t[[b.row, a.row]]
+        self.guide.swap(a.row, b.row)
         a.row, b.row = b.row, a.row
 
     def _decode(self) -> None:
@@ -404,8 +410,10 @@ class Scheduler:
             sampler: SamplerState | None = None if kind == GREEDY else sampler_rows
             with_logprobs = any(s.top is not None for s in rows)
             cache.high = self.cache.high
+            guided = any(s.row in self.guide.rows for s in rows)
             with torch.no_grad(), self.runner.lock:
-                step = self.runner.step(cache, tokens, active, sampler, penalties, self.eos, kind, with_logprobs)
+                allowed = self.guide.allowed()[:size] if guided else None
+                step = self.runner.step(cache, tokens, active, sampler, penalties, self.eos, kind, with_logprobs, allowed)
                 tokens, _, chosen = step
                 count_tokens(penalties, tokens, active)
             self.cache.high = cache.high
@@ -420,8 +428,11 @@ class Scheduler:
             self._emit(s, tokens[s.row], None if chosen is None else [c[s.row] for c in chosen])
 
     def _emit(self, slot: Slot, token: int, chosen) -> None:
-        """Hand a request its new token; end it at a stop token, a stop string or its budget."""
+        """Hand a request its new token; end it at a stop token, a stop string, a complete value
+        (json_schema, regex, grammar) or its budget."""
         request = slot.request
+        grammar = self.guide.rows.get(slot.row)
+        complete = grammar is not None and grammar.accept(token)
         slot.produced += 1
         slot.last = token
         logprob = top = None
@@ -432,7 +443,7 @@ class Scheduler:
         if chunk.text or chunk.token_ids:
             self._send(request, chunk)
         reason = None
-        if token in slot.stop_ids or slot.result.stopped:
+        if token in slot.stop_ids or slot.result.stopped or complete:
             reason = "stop"
         elif slot.produced >= slot.budget:
             reason = "length"
@@ -441,6 +452,7 @@ class Scheduler:
             self._release(slot)
 
     def _release(self, slot: Slot) -> None:
+        self.guide.set(slot.row, None)
         slot.release()
         slot.last_used = next(self._clock)
 

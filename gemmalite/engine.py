@@ -16,6 +16,7 @@ from .cache import KVCache
 from .completion import Completion, CompletionChunk, RowResult
 from .config import GemmaConfig
 from .errors import ContextLengthError, InvalidArgumentError
+from .grammar import Grammars
 from .model import Gemma3
 from .options import GenerationOptions
 from .loop import Block, Stats, Steps, generate
@@ -77,6 +78,8 @@ class Engine:
     def vision(self) -> bool:
         """Whether this engine takes images (the checkpoint has a vision tower, loaded)."""
         return self.image_encoder is not None
+        # Structured output (grammar.py): the vocabulary as the grammar library sees it, built on first use.
+        self.grammars = Grammars(tokenizer, model.config.vocab_size, self.eos_ids[0] if self.eos_ids else 1)
 
     @property
     def config(self) -> GemmaConfig:
@@ -229,7 +232,9 @@ class Engine:
         part of it (the repetition penalty counts it all); default: the prompts. `images`: the
         prompts' images (vision.prepare), positions counted from the start of each prompt.
         """
-        speculation = speculative.plan(self, options)
+        grammars = self.row_grammars(options, len(prompts), chat)  # checked before any work
+        # A loaded draft model drafts by default, but not for a constrained reply (the two do not combine yet).
+        speculation = None if grammars else speculative.plan(self, options)
         stats = self._local.stats = Stats(prompt_tokens=[len(p) for p in prompts])
         own = cache is None
         feed = prompts
@@ -257,8 +262,17 @@ class Engine:
             top_logprobs=options.logprobs,
             speculation=None if speculation is None else speculative.Speculation(self, speculation, stats),
             images=fed_images,
+            grammars=grammars,
         )
         return Steps(self._returning(steps, cache, None if images is None else compared) if own else steps, stats)
+
+    def row_grammars(self, options: GenerationOptions, batch_size: int, chat: bool = False) -> list:
+        """One matcher per row for the options' json_schema, regex or grammar (none: an empty list)."""
+        constraint = options.constraint
+        if constraint is None:
+            return []
+        compiled = self.grammars.compile(constraint)
+        return [compiled.matcher(self.stop_ids(options.ignore_eos, chat)) for _ in range(batch_size)]
 
     def _returning(self, steps: Iterator[Block], cache: KVCache, compared: list[list] | None = None) -> Iterator[Block]:
         """Pass the blocks through; give the cache back to the pool when the loop ends or is closed."""

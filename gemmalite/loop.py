@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import KVCache
+from .grammar import Guide, RowGrammar
 from .options import MAX_LOGPROBS
 from .runner import Runner, choose
 from .sampling import GREEDY, SamplingSettings, count_tokens, logprobs, penalties, sampler_state, sampling_kind
@@ -55,6 +56,11 @@ class Rows:
         self.eos_ids = frozenset(eos_ids)
         self.produced = stats.new_tokens = [0] * len(limits)
         self.reasons = stats.finish_reasons = [None] * len(limits)
+        self.ends: list[int | None] = [None] * len(limits)  # a grammar's value completes at this token
+
+    def end_at(self, row: int, produced: int) -> None:
+        """The row stops ("stop") once it has produced `produced` tokens: its grammar's value is complete."""
+        self.ends[row] = produced
 
     @property
     def done(self) -> bool:
@@ -68,7 +74,7 @@ class Rows:
                 break
             taken.append(token)
             self.produced[row] += 1
-            if token in self.eos_ids:
+            if token in self.eos_ids or self.produced[row] == self.ends[row]:
                 self.reasons[row] = "stop"
             elif self.produced[row] >= self.limits[row]:
                 self.reasons[row] = "length"
@@ -113,6 +119,7 @@ def generate(
     top_logprobs: int | None = None,
     speculation=None,
     images: list[list] | None = None,
+    grammars: Sequence[RowGrammar | None] = (),
 ) -> Iterator[Block]:
     """Yield, every `sync_every` steps, a Block of the tokens each row produced since the last.
 
@@ -121,7 +128,8 @@ def generate(
     max_new_tokens, or when their transcript reaches max_seq_len. `top_logprobs` (None: off)
     asks for each token's log-probability and the top N alternatives. `speculation` (a
     speculative.Speculation) decodes after prefill instead of the plain steps, to the same tokens.
-    `images`: each row's images among its prompt tokens (see Runner.prefill).
+    `images`: each row's images among its prompt tokens (see Runner.prefill). `grammars` (per
+    row, None for none) constrain the rows' tokens; a row ends when its value is complete (grammar.py).
     """
     held = cache.lengths.tolist()
     batch = len(prompts)
@@ -136,6 +144,12 @@ def generate(
     penalty = penalties([settings] * batch, histories or prompts, runner.config.vocab_size, runner.device)
     with_logprobs = top_logprobs is not None
     out = _Collector(rows, top_logprobs)
+    guide = None
+    if any(g is not None for g in grammars):
+        guide = Guide(batch, next(g for g in grammars if g is not None).words, runner.device)
+        for row, grammar in enumerate(grammars):
+            guide.set(row, grammar)
+    produced = 0  # tokens each row has produced so far (one per step)
     # What each row will hold once its tokens are fed: what it held, its prompt, its reply.
     transcripts = [None if t is None else t + p for t, p in zip(cache.tokens, prompts)]
     prefilled = False
@@ -144,10 +158,12 @@ def generate(
         with torch.no_grad(), runner.lock:
             logits = runner.prefill(cache, prompts, images)
             prefilled = True
-            tokens = choose(logits, sampler, penalty, cache.lengths, kind)
+            tokens = choose(logits, sampler, penalty, cache.lengths, kind, guide.allowed() if guide else None)
             count_tokens(penalty, tokens, torch.ones_like(tokens, dtype=torch.bool))
             active = (tokens[:, None] != eos_tensor).all(-1) & (cache.lengths < runner.max_seq_len - 1)
             out.add(tokens, logprobs(logits, tokens, MAX_LOGPROBS) if with_logprobs else None)
+            produced = 1
+            _end_complete(guide, tokens, active, rows, produced)
         first = out.block(transcripts)
         stats.prefill_s = time.perf_counter() - started  # the time to first token
         decode_started = time.perf_counter()
@@ -163,14 +179,28 @@ def generate(
             # blocks runs in its own grad mode, and other callers' steps may run meanwhile.
             with torch.no_grad(), runner.lock:
                 fed = active
-                tokens, active, chosen = runner.step(cache, tokens, active, sampler, penalty, eos_tensor, kind, with_logprobs)
+                allowed = guide.allowed() if guide else None
+                tokens, active, chosen = runner.step(cache, tokens, active, sampler, penalty, eos_tensor, kind, with_logprobs, allowed)
                 count_tokens(penalty, tokens, fed)
             out.add(tokens, chosen)
-            if out.pending >= sync_every or out.pending + max(rows.produced) >= max(rows.limits):
+            produced += 1
+            ended = _end_complete(guide, tokens, active, rows, produced)
+            if out.pending >= sync_every or out.pending + max(rows.produced) >= max(rows.limits) or ended:
                 yield out.block(transcripts)
                 stats.decode_s = time.perf_counter() - decode_started
     finally:
         settle(cache, transcripts if prefilled else [None] * batch)
+
+
+def _end_complete(guide: Guide | None, tokens: torch.Tensor, active: torch.Tensor, rows: Rows, produced: int) -> bool:
+    """Follow the grammar rows' new tokens (a host sync of those rows only); stop the rows whose
+    value is now complete: frozen from the next step on, and finished at this token. Any ended?"""
+    ended = guide.accept(tokens) if guide is not None else []
+    for row in ended:
+        rows.end_at(row, produced)
+    if ended:
+        active[ended] = False
+    return bool(ended)
 
 
 def settle(cache: KVCache, transcripts: list[list[int] | None]) -> None:

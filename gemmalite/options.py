@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .errors import InvalidArgumentError
+from .grammar import Constraint, constraint_from, schema_text
 from .sampling import SamplingSettings
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -39,6 +40,11 @@ class GenerationOptions:
     speculative: str | None = None  # "lookup", "draft" or "off"; None: "draft" when a draft is loaded
     num_draft_tokens: int | None = None  # most tokens drafted per forward; None: the drafter's default
     prediction: str | tuple[int, ...] | None = None  # the caller's guess of the reply (Predicted Outputs)
+    # Structured output (grammar.py), one at most: a JSON Schema (dict or JSON text; True: any JSON
+    # object), a regular expression, or a Lark/GBNF grammar that the whole reply follows.
+    json_schema: dict | str | bool | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
     def __post_init__(self):
         n = self.max_new_tokens
@@ -60,6 +66,14 @@ class GenerationOptions:
             object.__setattr__(self, "prediction", guess := tuple(guess))
         if guess is not None and not isinstance(guess, str) and not (isinstance(guess, tuple) and all(isinstance(i, int) for i in guess)):
             raise InvalidArgumentError(f"prediction must be the expected reply, as text or token ids; got {type(guess).__name__}")
+        if isinstance(self.json_schema, dict):  # held as JSON text: options stay hashable
+            object.__setattr__(self, "json_schema", schema_text(self.json_schema))
+        constrained = constraint_from(self.json_schema, self.regex, self.grammar) is not None
+        if constrained and (self.speculative in ("lookup", "draft") or self.prediction is not None):
+            raise InvalidArgumentError(
+                "structured output (json_schema, regex, grammar) and speculative decoding (speculative, prediction) "
+                "do not combine yet: give one of them"
+            )
         # Check the sampling values now, with neutral stand-ins for what is left to the defaults.
         self.sampling(SamplingSettings())
 
@@ -73,6 +87,11 @@ class GenerationOptions:
                 f"unknown generation option(s) {', '.join(unknown)}; the options are {', '.join(sorted(known))}"
             )
         return cls(**kwargs)
+
+    @property
+    def constraint(self) -> Constraint | None:
+        """What the reply must follow, if anything (see grammar.py)."""
+        return constraint_from(self.json_schema, self.regex, self.grammar)
 
     @property
     def new_tokens(self) -> int:

@@ -28,6 +28,7 @@ import torch
 from .cache import KVCache
 from .config import GemmaConfig
 from .errors import InvalidArgumentError
+from .grammar import mask_logits
 from .model import Gemma3
 from .options import MAX_LOGPROBS
 from .sampling import Penalties, SamplerState, apply_penalties, greedy, logprobs, sample
@@ -48,10 +49,11 @@ def decode_step(
     kind: str,  # how to sample (see sampling.sampling_kind); a constant of the graph
     with_logprobs: bool,  # a constant of the graph
     span: int,  # global slots attended (see KVCache.span); a constant of the graph
+    allowed: torch.Tensor | None = None,  # [B, ceil(vocab / 32)] int32 grammar bitmask (grammar.py); None: no grammar
 ):
     """Feed one token per row and choose the next. No host sync: this is the compiled graph."""
     logits = model(tokens[:, None], cache, n_new=active.long(), span=span)[:, -1]
-    next_tokens = choose(logits, sampler, penalties, cache.lengths, kind)
+    next_tokens = choose(logits, sampler, penalties, cache.lengths, kind, allowed)
     next_tokens = torch.where(active, next_tokens, tokens)
     finished = (next_tokens[:, None] == eos_ids).any(-1) | (cache.lengths >= cache.max_seq_len - 1)
     chosen = logprobs(logits, next_tokens, MAX_LOGPROBS) if with_logprobs else None
@@ -95,9 +97,11 @@ def prefill_bucket(length: int, width: int) -> int:
     return min(bucket, width)
 
 
-def choose(logits, sampler: SamplerState | None, penalties: Penalties, positions, kind: str) -> torch.Tensor:
-    """The next token of each row [B]: penalties first, then greedy or sampling."""
+def choose(logits, sampler: SamplerState | None, penalties: Penalties, positions, kind: str, allowed=None) -> torch.Tensor:
+    """The next token of each row [B]: penalties first, then the grammar's mask, then greedy or sampling."""
     scores = apply_penalties(logits, penalties)
+    if allowed is not None:
+        scores = mask_logits(scores, allowed)
     return greedy(scores) if sampler is None else sample(scores, sampler, positions, kind)
 
 
@@ -108,8 +112,9 @@ def describe_graph(key: tuple, shape: tuple) -> str:
         return f"prefill (batch {shape[0]}, {shape[1]}-token chunks, {key[1]} keys)"
     if key[0] == "verify":
         return f"speculative verification (batch {shape[0]}, {shape[1]} tokens, {key[1]} keys)"
-    _, kind, with_logprobs, span = key
-    return f"the decode step ({kind}{', logprobs' if with_logprobs else ''}, batch {shape[0]}, {span} keys)"
+    _, kind, with_logprobs, span, *masked = key
+    extras = (", logprobs" if with_logprobs else "") + (", grammar mask" if masked else "")
+    return f"the decode step ({kind}{extras}, batch {shape[0]}, {span} keys)"
 
 
 def fresh_function(fn):
@@ -304,18 +309,21 @@ class Runner:
                 after[row, at : at + span.length] = held[row] + span.end
         return embeds, (first.to(self.device), after.to(self.device))
 
-    def step(self, cache: KVCache, tokens, active, sampler, penalties, eos_ids, kind: str, with_logprobs: bool):
+    def step(self, cache: KVCache, tokens, active, sampler, penalties, eos_ids, kind: str, with_logprobs: bool, allowed=None):
         """One decode step, compiled when the runner is; the outputs are the caller's to keep.
 
         The step only reads the penalty counts: the caller adds the new tokens (count_tokens).
         A graph that wrote into a tensor that is not a static buffer could not be a CUDA graph.
+        `allowed` (a grammar bitmask, see grammar.py) selects the graph that masks; its contents
+        never recompile it.
         """
         if self.device.type == "cuda" and self.compiled:
             torch.compiler.cudagraph_mark_step_begin()
         cache.high = min(cache.high + 1, cache.max_seq_len)
-        key = ("decode", kind, with_logprobs, cache.span(cache.high))
+        span = cache.span(cache.high)
+        key = ("decode", kind, with_logprobs, span) + (("masked",) if allowed is not None else ())
         step = self._compiled(key, decode_step)
-        args = (self.model, cache, tokens, active, sampler, penalties, eos_ids, kind, with_logprobs, key[-1])
+        args = (self.model, cache, tokens, active, sampler, penalties, eos_ids, kind, with_logprobs, span, allowed)
         tokens, active, chosen = self._call(key, tokens.shape, step, *args)
         # Graph outputs are overwritten by the next replay: keep copies.
         return tokens.clone(), active.clone(), None if chosen is None else tuple(t.clone() for t in chosen)

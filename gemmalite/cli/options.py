@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from dataclasses import fields
 
 from ..errors import InvalidArgumentError
@@ -102,12 +103,34 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
         help="speculative decoding by prompt lookup: drafts copied from earlier in prompt and reply (same output)",
     )  # fmt: skip
     add("--draft-tokens", dest="num_draft_tokens", type=count, metavar="K", help="most tokens drafted per forward")
+    add(
+        "--json-schema",
+        metavar="FILE_OR_JSON",
+        help="the reply is JSON that fits this JSON Schema (a file, or the schema itself); needs gemmalite[structured]",
+    )
+    add("--json-object", action="store_true", help="the reply is a JSON object (any); needs gemmalite[structured]")
 
 
 def generation_options(args: argparse.Namespace) -> GenerationOptions:
     """The generation flags as one GenerationOptions, checked (InvalidArgumentError, exit 2)."""
     given = {f.name: getattr(args, f.name) for f in fields(GenerationOptions) if hasattr(args, f.name)}
+    if getattr(args, "json_object", False):
+        if args.json_schema is not None:
+            raise InvalidArgumentError("--json-schema and --json-object cannot be combined: give one")
+        given["json_schema"] = True
+    elif getattr(args, "json_schema", None) is not None:
+        given["json_schema"] = read_schema(args.json_schema)
     return GenerationOptions(**given)
+
+
+def read_schema(file_or_json: str) -> str:
+    """--json-schema's value: the schema itself when it starts like JSON, else a file that holds it."""
+    if file_or_json.lstrip().startswith("{"):
+        return file_or_json
+    try:
+        return Path(file_or_json).read_text()
+    except OSError as e:
+        raise InvalidArgumentError(f"--json-schema {file_or_json!r} is neither a JSON object nor a readable file: {e.strerror}") from None
 
 
 def check_model_args(args: argparse.Namespace) -> None:

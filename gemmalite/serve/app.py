@@ -213,7 +213,10 @@ class API:
         if (refused := self._unavailable()) is not None:
             return refused
         try:
-            job: Job = parse(protocol.parse_json(await read_body(request)), self.engine, self.defaults)
+            body = protocol.parse_json(await read_body(request))
+            # In a thread: tokenizing, and compiling a schema (the first one builds the grammar
+            # library's vocabulary, seconds for Gemma's), would hold up every other request.
+            job: Job = await asyncio.to_thread(parse, body, self.engine, self.defaults)
         except APIError as e:
             return error_response(e)
         except InvalidArgumentError as e:

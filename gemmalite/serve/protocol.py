@@ -5,7 +5,7 @@ body into a `Job` (prompt ids and GenerationOptions) or raise `APIError`, which 
 and the OpenAI error body. The response builders take the engine's CompletionChunks.
 
 Field names and shapes follow the OpenAI API; the extensions are vLLM's and llama-server's names
-(top_k, min_p, repetition_penalty, repeat_last_n, ignore_eos, cache_prompt).
+(top_k, min_p, repetition_penalty, repeat_last_n, ignore_eos, cache_prompt, json_schema, grammar).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, fields, replace
 
 from ..completion import CompletionChunk, Usage
-from ..errors import GemmaliteError, InvalidArgumentError
+from ..errors import GemmaliteError, InvalidArgumentError, MissingExtraError
 from ..options import MAX_LOGPROBS, GenerationOptions
 from ..speculative import prediction_usage
 from ..tokenizer import chat_messages_prompt
@@ -185,9 +185,7 @@ def _job(body: dict, engine, defaults: GenerationOptions, prompt: list[int], *, 
             raise APIError(400, message, param=name)
     if body.get("tool_choice") not in (None, "none"):
         raise APIError(400, "tool calls are not supported", param="tool_choice")
-    response_format = body.get("response_format")
-    if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
-        raise APIError(400, "only response_format {type: text} is supported", param="response_format")
+    constraint_param, constraint = _constraint(body)
     if _get(body, "n", int) not in (None, 1):
         raise APIError(400, "n must be 1: one choice per request", param="n")
     stream = bool(_get(body, "stream", bool))
@@ -209,6 +207,7 @@ def _job(body: dict, engine, defaults: GenerationOptions, prompt: list[int], *, 
         "stop": _stops(body.get("stop")),
         "logprobs": logprobs,
         "prediction": _prediction(body.get("prediction")),
+        **constraint,
     }
     merged = {f.name: getattr(defaults, f.name) for f in fields(GenerationOptions)}
     merged.update({name: value for name, value in given.items() if value is not None})
@@ -229,6 +228,11 @@ def _job(body: dict, engine, defaults: GenerationOptions, prompt: list[int], *, 
         options = GenerationOptions(**merged)
     except InvalidArgumentError as e:
         raise APIError(400, str(e), param=_param_named_in(str(e))) from None
+    if options.constraint is not None:
+        try:  # compiled now, so that a schema the library cannot use is a 400 before anything runs
+            engine.grammars.compile(options.constraint)
+        except (InvalidArgumentError, MissingExtraError) as e:
+            raise APIError(400, str(e), param=constraint_param) from None
     reuse = _get(body, "cache_prompt", bool)
     return Job(chat, prompt, options, stream, bool(include_usage), reuse is not False)
 
@@ -243,6 +247,40 @@ def _prediction(prediction) -> str | None:
     if not isinstance(content, str):
         raise APIError(400, 'prediction must be {"type": "content", "content": a string or a list of text parts}', param="prediction")
     return content
+
+
+def _constraint(body: dict) -> tuple[str | None, dict]:
+    """(the field that asks, generation options) for structured output: OpenAI's response_format
+    (json_object, or json_schema with name, schema and strict), or llama-server's json_schema or grammar."""
+    given = []
+    response_format = body.get("response_format")
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind == "json_object":
+            given.append(("response_format", {"json_schema": True}))
+        elif kind == "json_schema":
+            spec = response_format.get("json_schema")
+            where = "response_format.json_schema"
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                message = f"{where} must be an object with a schema (a JSON Schema object), a name and optionally strict"
+                raise APIError(400, message, param=where)
+            _get(spec, "name", str, name=f"{where}.name")
+            _get(spec, "strict", bool, name=f"{where}.strict")  # the reply always follows the schema
+            given.append(("response_format", {"json_schema": spec["schema"]}))
+        elif kind != "text":
+            shapes = "{type: text}, {type: json_object} or {type: json_schema, json_schema: {name, schema, strict}}"
+            raise APIError(400, f"response_format must be {shapes}", param="response_format")
+    if body.get("json_schema") is not None:
+        schema = body["json_schema"]
+        if not isinstance(schema, dict):
+            raise APIError(400, "json_schema must be a JSON Schema object", param="json_schema")
+        given.append(("json_schema", {"json_schema": schema}))
+    if body.get("grammar") is not None:
+        given.append(("grammar", {"grammar": _get(body, "grammar", str)}))
+    if len(given) > 1:
+        names = " and ".join(name for name, _ in given)
+        raise APIError(400, f"{names} cannot be combined: give one constraint for the reply", param=given[1][0])
+    return given[0] if given else (None, {})
 
 
 def _get(body: dict, key: str, kind: type, check=None, expected: str | None = None, *, name: str | None = None):
