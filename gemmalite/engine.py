@@ -73,13 +73,13 @@ class Engine:
             self.draft = draft
         if image_encoder is not None:
             vision_inputs.check_fits(image_encoder.config, self.runner.prefill_width(self.runner.new_cache(1, device="meta")))
+        # Structured output (grammar.py): the vocabulary as the grammar library sees it, built on first use.
+        self.grammars = Grammars(tokenizer, model.config.vocab_size, self.eos_ids[0] if self.eos_ids else 1)
 
     @property
     def vision(self) -> bool:
         """Whether this engine takes images (the checkpoint has a vision tower, loaded)."""
         return self.image_encoder is not None
-        # Structured output (grammar.py): the vocabulary as the grammar library sees it, built on first use.
-        self.grammars = Grammars(tokenizer, model.config.vocab_size, self.eos_ids[0] if self.eos_ids else 1)
 
     @property
     def config(self) -> GemmaConfig:
