@@ -64,7 +64,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="a smaller model with the same tokenizer that drafts tokens for speculative decoding "
         "(loaded like --model; the output stays the same)",
     )  # fmt: skip
-    group.add_argument("--draft-quantize", choices=["int8"], help="load the --draft model with int8 weights (CPU only)")
+    group.add_argument("--draft-quantize", choices=["int8"], help="load the --draft model with int8 weights")
 
 
 def add_generation_args(parser: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ import argparse
 import os
 import socket
 import threading
+from dataclasses import replace
 
 from ..errors import InvalidArgumentError, MissingExtraError
 from .console import EXIT_OK, PROG, info, note
@@ -109,6 +110,12 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise InvalidArgumentError(f"--port must be in [0, 65535], got {args.port}")
     key = api_key(args)
+    if defaults.speculative not in (None, "off") or defaults.num_draft_tokens is not None or args.draft is not None:
+        # Said once, at start: requests still get exactly the tokens they would get with speculation.
+        note(f"{PROG}: the server decodes plainly: speculative decoding (--lookup, --draft, --draft-tokens) runs in "
+             "the CLI and the Python API, not yet in the batched server; the flags are ignored here")  # fmt: skip
+        defaults = replace(defaults, speculative=None, num_draft_tokens=None)
+        args.draft = None
     sock = listen(args.host, args.port)  # before loading: a port in use fails at once
     try:
         return serve(args, uvicorn, sock, defaults, key)
