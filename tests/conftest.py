@@ -8,6 +8,10 @@ tokenizer trained on the spot so that the text APIs have something to run.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -162,3 +166,29 @@ def real_270m_reference(real_gguf):
         patch.setattr(gguf, "GGUFReader", fast_reader_class(gguf))
         model = AutoModelForCausalLM.from_pretrained(real_gguf.parent, gguf_file=real_gguf.name, dtype=torch.float32)
     return model.eval()
+
+
+# ---------------------------------------------------------------- server processes
+def launch_server(checkpoint, *flags: str, env: dict | None = None):
+    """Start `gemmalite serve` on `checkpoint` (CPU, eager, a free port): (process, log lines, started, reader).
+
+    `started` is set once the server prints its URL (or exits). One thread is plenty for the tiny
+    model, and it keeps the server off the test's cores.
+    """
+    cmd = [sys.executable, "-m", "gemmalite.cli", "serve", "--model", str(checkpoint), "--device", "cpu",
+           "--no-compile", "--port", "0", *flags]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    log: list[str] = []
+    started = threading.Event()
+
+    def drain():  # keep reading stderr, so the server never blocks on a full pipe
+        for line in proc.stderr:
+            log.append(line)
+            if "http://" in line:
+                started.set()
+        started.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    return proc, log, started, reader

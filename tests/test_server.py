@@ -8,7 +8,6 @@ engine alone: greedy text equal, seeded sampling equal.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -25,6 +24,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
+from conftest import launch_server  # noqa: E402
 from gemmalite import cli  # noqa: E402
 
 PARALLEL, QUEUE = 4, 4
@@ -59,23 +59,7 @@ def bf16_server(tiny):
 
 
 def serve(tiny, dtype: str):
-    cmd = [sys.executable, "-m", "gemmalite.cli", "serve", "--model", str(tiny[0]), "--dtype", dtype, "--device", "cpu",
-           "--no-compile", "--port", "0", "--parallel", str(PARALLEL), "--queue", str(QUEUE)]  # fmt: skip
-    # One thread is plenty for the tiny model, and it keeps the server off the test's cores.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    log: list[str] = []
-    found = threading.Event()
-
-    def drain():  # keep reading stderr, so the server never blocks on a full pipe
-        for line in proc.stderr:
-            log.append(line)
-            if "http://" in line:
-                found.set()
-        found.set()
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
+    proc, log, found, reader = launch_server(tiny[0], "--dtype", dtype, "--parallel", str(PARALLEL), "--queue", str(QUEUE))
     assert found.wait(120) and proc.poll() is None, "".join(log)
     url = re.search(r"(http://[\d.]+:\d+)/v1", "".join(log)).group(1)
     yield Server(proc, url, log, reader)

@@ -11,11 +11,9 @@ scheduler alone, step by step.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from starlette.responses import PlainTextResponse  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
+from conftest import launch_server  # noqa: E402
 from gemmalite.batching import Scheduler  # noqa: E402
 from gemmalite.options import GenerationOptions  # noqa: E402
 from gemmalite.serve.app import create_app  # noqa: E402
@@ -66,24 +65,8 @@ class Server:
             time.sleep(0.05)
 
 
-def launch(tiny, *flags: str) -> tuple[subprocess.Popen, list[str], threading.Event, threading.Thread]:
-    cmd = [sys.executable, "-m", "gemmalite.cli", "serve", "--model", str(tiny[0]), "--dtype", "float32", "--device", "cpu",
-           "--no-compile", "--port", "0", *flags]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GEMMALITE_API_KEY": KEY}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    log: list[str] = []
-    found = threading.Event()
-
-    def drain():  # keep reading stderr, so the server never blocks on a full pipe
-        for line in proc.stderr:
-            log.append(line)
-            if "http://" in line:
-                found.set()
-        found.set()
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    return proc, log, found, reader
+def launch(tiny, *flags: str):
+    return launch_server(tiny[0], "--dtype", "float32", *flags, env={"GEMMALITE_API_KEY": KEY})
 
 
 @pytest.fixture(scope="module")

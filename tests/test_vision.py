@@ -101,7 +101,6 @@ def gemmalite_logits(engine, ids: list[int], images: list, expected: torch.Tenso
     from gemmalite.vision import prepare
 
     seen = prepare(engine.image_encoder, [ids], [images])
-    inside = {p for span, _ in seen.rows[0] for p in range(span.start, span.end - 1)}
     cache = engine.runner.new_cache(1)
     ends = {span.end - 1 for span, _ in seen.rows[0]}
     # Each image's last token, the token after it, one text token before the images, and the last
