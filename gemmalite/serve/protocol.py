@@ -345,11 +345,15 @@ def parse_tokenize(body: dict, engine) -> tuple[list[int], bool]:
             raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
         if _get(body, "add_generation_prompt", bool) is False:
             raise APIError(400, "add_generation_prompt: false is not supported", param="add_generation_prompt")
+        parsed = [_message(m, i) for i, m in enumerate(messages)]
+        images = sum(len(found) for _, _, found in parsed)
+        if images and not engine.vision:
+            raise APIError(400, "this model is text-only: it takes no images (a Gemma 3 4B, 12B or 27B does)", param="messages")
         try:
-            text = chat_messages_prompt([_message(m, i) for i, m in enumerate(messages)])
+            text = chat_messages_prompt([(role, content) for role, content, _ in parsed])
         except InvalidArgumentError as e:
             raise APIError(400, str(e), param="messages") from None
-        return engine.encode(text), names
+        return engine.encode(text, images=images or None), names
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise APIError(400, "prompt must be a string (or send messages)", param="prompt")
