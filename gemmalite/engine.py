@@ -23,6 +23,7 @@ from .loop import Block, Stats, Steps, generate
 from .runner import Runner
 from .sampling import SamplingSettings
 from . import speculative
+from .drafts import prediction_usage
 from .session import Session
 from .text import TextStream
 from .tokenizer import END_OF_TURN, Tokenizer, chat_prompt
@@ -423,7 +424,7 @@ def _refuse(options: dict, name: str, message: str) -> None:
 def _prediction_usage(usage, stats: Stats, tokens: list[int], options: GenerationOptions) -> None:
     """With prediction=: how many predicted tokens the reply has, in order, and how many it has not."""
     if options.prediction is not None and stats.prediction is not None:
-        usage.accepted_prediction_tokens, usage.rejected_prediction_tokens = speculative.prediction_usage(stats.prediction, tokens)
+        usage.accepted_prediction_tokens, usage.rejected_prediction_tokens = prediction_usage(stats.prediction, tokens)
 
 
 def _row_logprobs(block: Block, row: int) -> tuple:

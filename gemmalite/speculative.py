@@ -35,20 +35,17 @@ draft in any row is a plain decode step, so speculation costs little where it do
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .drafts import ModelDrafter, PredictionDrafter, lookup_draft
 from .errors import InvalidArgumentError, ModelLoadError
 from .options import MAX_LOGPROBS
-from .sampling import Penalties, SamplingSettings, count_tokens, logprobs, penalties
+from .sampling import Penalties, count_tokens, logprobs
 
 SPECULATIVE = ("off", "lookup", "draft")
 DEFAULT_DRAFT_TOKENS = {"lookup": 8, "draft": 4, "prediction": 8}
-LOOKUP_NGRAM = 3  # the longest n-gram prompt lookup matches (then shorter ones)
-PREDICTION_NGRAM = 8  # a prediction is matched on longer n-grams: it is long and close to the reply
 MAX_PAUSE = 32  # rounds a row waits at most before drafting again after misses
 
 
@@ -130,121 +127,6 @@ def plan(engine, options) -> Plan | None:
     else:
         engine.check_ids(list(prediction))
     return Plan(source, k, kind, tuple(prediction))
-
-
-def prediction_usage(prediction: Sequence[int], reply: Sequence[int]) -> tuple[int, int]:
-    """(accepted, rejected) predicted tokens: those that appear in the reply, in order, and the rest."""
-    matcher = difflib.SequenceMatcher(None, list(prediction), list(reply), autojunk=False)
-    accepted = sum(block.size for block in matcher.get_matching_blocks())
-    return accepted, len(prediction) - accepted
-
-
-# ---------------------------------------------------------------------- drafters
-def latest_match(context: Sequence[int], suffix: Sequence[int], before: int) -> int | None:
-    """Where the latest occurrence of `suffix` that ends before index `before` of `context` ends."""
-    n = len(suffix)
-    if n == 0 or before < n:
-        return None
-    text = torch.as_tensor(context[:before], dtype=torch.long)
-    windows = text.unfold(0, n, 1)  # [before - n + 1, n]
-    hits = (windows == torch.as_tensor(suffix, dtype=torch.long)).all(-1).nonzero()
-    return None if hits.numel() == 0 else int(hits[-1]) + n
-
-
-def lookup_draft(context: Sequence[int], k: int, max_ngram: int = LOOKUP_NGRAM) -> list[int]:
-    """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's last n-gram."""
-    for n in range(min(max_ngram, len(context) - 1), 0, -1):
-        end = latest_match(context, context[-n:], len(context) - 1)
-        if end is not None:
-            return list(context[end : end + k])
-    return []
-
-
-class PredictionDrafter:
-    """Follows each row's reply along the caller's predicted text and proposes what comes next."""
-
-    def __init__(self, prediction: Sequence[int], batch_size: int):
-        self.prediction = list(prediction)
-        # Per row: (reply index, prediction index) known to line up; the reply has matched since.
-        self.anchors = [(0, 0)] * batch_size
-
-    def draft(self, row: int, reply: Sequence[int], k: int) -> list[int]:
-        """Up to k predicted tokens that follow the reply: straight on while it follows the
-        prediction, else from where its last n-gram (longest first) next occurs in it."""
-        p = self.prediction
-        reply_at, predicted_at = self.anchors[row]
-        followed = len(reply) - reply_at
-        if list(reply[reply_at:]) == p[predicted_at : predicted_at + followed]:
-            return p[predicted_at + followed : predicted_at + followed + k]
-        for n in range(min(PREDICTION_NGRAM, len(reply), len(p)), 0, -1):
-            suffix = torch.as_tensor(reply[-n:], dtype=torch.long)
-            ends = ((torch.as_tensor(p).unfold(0, n, 1) == suffix).all(-1).nonzero()[:, 0] + n).tolist()
-            ends = [e for e in ends if e < len(p)]
-            if ends:
-                # The first match ahead of the last anchor: the reply moves forward through the prediction.
-                ahead = [e for e in ends if e >= predicted_at]
-                end = ahead[0] if ahead else ends[-1]
-                self.anchors[row] = (len(reply), end)
-                return p[end : end + k]
-        return []
-
-
-class ModelDrafter:
-    """A draft model on a cache of its own, caught up with each row's transcript before it drafts."""
-
-    def __init__(self, draft_engine, batch_size: int, sampler, kind: str):
-        self.engine = draft_engine
-        self.runner = draft_engine.runner
-        self.cache = self.runner.checkout(batch_size)
-        self.cache.reset()
-        self.sampler, self.kind = sampler, kind  # the target's: the same noise, so the draft agrees often
-        vocab = draft_engine.config.vocab_size
-        self.neutral = penalties([SamplingSettings()] * batch_size, [[]] * batch_size, vocab, self.runner.device)
-        self.no_eos = self.runner.eos_tensor(())
-
-    def close(self) -> None:
-        self.runner.checkin(self.cache)
-
-    def draft(self, contexts: list[Sequence[int] | None], budgets: list[int]) -> list[list[int]]:
-        """Up to budgets[row] tokens for each row whose whole transcript (`contexts[row]`) is known."""
-        from .runner import choose
-
-        cache, batch = self.cache, len(contexts)
-        feeds: list[list[int]] = [[] for _ in range(batch)]
-        for row, (context, k) in enumerate(zip(contexts, budgets)):
-            if not k or context is None:
-                budgets[row] = 0
-                continue
-            held = cache.tokens[row] or []
-            keep = min(cache.shared_prefix(row, list(context)), len(context) - 1)
-            if len(held) - keep > cache.rewindable(row) or cache.tokens[row] is None:
-                cache.reset(row)
-                keep = 0
-            elif len(held) > keep:
-                cache.rewind(len(held) - keep, row)
-            feeds[row] = list(context[keep:])
-        if not any(budgets):
-            return [[] for _ in range(batch)]
-        drafts: list[list[int]] = [[] for _ in range(batch)]
-        with torch.no_grad(), self.runner.lock:
-            logits = self.runner.prefill(cache, feeds)
-            tokens = choose(logits, self.sampler, self.neutral, cache.lengths, self.kind)
-            for step in range(1, max(budgets) + 1):
-                ids = tokens.tolist()
-                for row, k in enumerate(budgets):
-                    if step <= k:
-                        drafts[row].append(ids[row])
-                if step == max(budgets):
-                    break
-                going = torch.tensor([k > step for k in budgets], device=self.runner.device)
-                fed = ids
-                tokens, _, _ = self.runner.step(
-                    cache, tokens, going, self.sampler, self.neutral, self.no_eos, self.kind, False
-                )
-                for row, k in enumerate(budgets):
-                    if k > step:
-                        cache.tokens[row].append(fed[row])
-        return drafts
 
 
 # ---------------------------------------------------------------------- the decoding rounds

@@ -201,7 +201,8 @@ def test_compiled_verification_matches_eager_with_bounded_graphs(compiled_engine
 def test_server_reports_prediction_usage_and_refuses_a_bad_prediction(tiny_engine):
     from gemmalite.completion import CompletionChunk, Usage
     from gemmalite.options import GenerationOptions
-    from gemmalite.serve.protocol import Answer, APIError, parse_completion
+    from gemmalite.serve.answers import Answer
+    from gemmalite.serve.protocol import APIError, parse_completion
 
     predicted = tiny_engine.tokenizer.encode("return a + b", bos=False)
     body = {"prompt": "def add(a, b):\n    ", "max_tokens": 8, "prediction": {"type": "content", "content": "return a + b"}}

@@ -39,7 +39,8 @@ from ..slots import Request
 from ..vision.inputs import prepare as prepare_images
 from . import protocol
 from .auth import RequireKey
-from .protocol import Answer, APIError, Job
+from .answers import Answer
+from .protocol import APIError, Job
 from .requestlog import STATE_KEY, RequestLog, RequestRecord
 
 MAX_BODY_BYTES = 8 * 1024 * 1024

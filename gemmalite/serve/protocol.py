@@ -15,14 +15,10 @@ import binascii
 import json
 import math
 import re
-import time
-import uuid
 from dataclasses import dataclass, fields, replace
 
-from ..completion import CompletionChunk, Usage
 from ..errors import GemmaliteError, InvalidArgumentError, MissingExtraError
 from ..options import MAX_LOGPROBS, GenerationOptions
-from ..speculative import prediction_usage
 from ..tokenizer import chat_messages_prompt
 from ..vision.prompt import MARKER
 
@@ -35,7 +31,6 @@ UNSUPPORTED = (  # fields whose use would change the answer; refused rather than
 )
 NUMBERS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 FLOAT32_MAX = 3.4e38
-NO_LOGPROB = -9999.0  # JSON has no -inf: a token no sampler could choose gets this, as OpenAI does
 
 
 class APIError(Exception):
@@ -86,14 +81,7 @@ def parse_chat(body: dict, engine, defaults: GenerationOptions) -> Job:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
-    parsed = [_message(m, i) for i, m in enumerate(messages)]
-    images = tuple(image for _, _, found in parsed for image in found)
-    if images and not engine.vision:
-        raise APIError(400, "this model is text-only: it takes no images (a Gemma 3 4B, 12B or 27B does)", param="messages")
-    try:
-        text = chat_messages_prompt([(role, content) for role, content, _ in parsed])
-    except InvalidArgumentError as e:
-        raise APIError(400, str(e), param="messages") from None
+    text, images = _conversation(messages, engine)
     logprobs = _get(body, "logprobs", bool)
     top = _get(body, "top_logprobs", int, lambda v: 0 <= v <= MAX_LOGPROBS, f"an integer in [0, {MAX_LOGPROBS}]")
     if top is not None and not logprobs:
@@ -123,6 +111,18 @@ def parse_completion(body: dict, engine, defaults: GenerationOptions) -> Job:
         raise APIError(400, "best_of must be 1", param="best_of")
     logprobs = _get(body, "logprobs", int, lambda v: 0 <= v <= MAX_LOGPROBS, f"an integer in [0, {MAX_LOGPROBS}]")
     return _job(body, engine, defaults, _check_length(engine, ids, "prompt"), chat=False, logprobs=logprobs)
+
+
+def _conversation(messages: list, engine) -> tuple[str, tuple[bytes, ...]]:
+    """A chat request's messages as Gemma's prompt text, and the images of their parts, in order."""
+    parsed = [_message(m, i) for i, m in enumerate(messages)]
+    images = tuple(image for _, _, found in parsed for image in found)
+    if images and not engine.vision:
+        raise APIError(400, "this model is text-only: it takes no images (a Gemma 3 4B, 12B or 27B does)", param="messages")
+    try:
+        return chat_messages_prompt([(role, content) for role, content, _ in parsed]), images
+    except InvalidArgumentError as e:
+        raise APIError(400, str(e), param="messages") from None
 
 
 def _message(message, index: int) -> tuple[str, str, list[bytes]]:
@@ -345,15 +345,8 @@ def parse_tokenize(body: dict, engine) -> tuple[list[int], bool]:
             raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
         if _get(body, "add_generation_prompt", bool) is False:
             raise APIError(400, "add_generation_prompt: false is not supported", param="add_generation_prompt")
-        parsed = [_message(m, i) for i, m in enumerate(messages)]
-        images = sum(len(found) for _, _, found in parsed)
-        if images and not engine.vision:
-            raise APIError(400, "this model is text-only: it takes no images (a Gemma 3 4B, 12B or 27B does)", param="messages")
-        try:
-            text = chat_messages_prompt([(role, content) for role, content, _ in parsed])
-        except InvalidArgumentError as e:
-            raise APIError(400, str(e), param="messages") from None
-        return engine.encode(text, images=images or None), names
+        text, images = _conversation(messages, engine)
+        return engine.encode(text, images=len(images) or None), names
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise APIError(400, "prompt must be a string (or send messages)", param="prompt")
@@ -370,139 +363,6 @@ def parse_detokenize(body: dict, engine) -> list[int]:
     except InvalidArgumentError as e:
         raise APIError(400, str(e), param="tokens") from None
     return tokens
-
-
-# ---------------------------------------------------------------------- responses
-class Answer:
-    """Builds the bodies of one response (whole, or as stream chunks) from CompletionChunks."""
-
-    def __init__(self, job: Job, model: str, tokenizer):
-        self.job, self.model, self.tokenizer = job, model, tokenizer
-        self.id = f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.offset = 0  # legacy logprobs: where the next token's text starts
-        self.token_ids: list[int] = []  # every token sent so far (for the prediction's usage)
-        self._names: dict[int, tuple[str, bytes, int]] = {}
-
-    def _envelope(self, chunk: bool) -> dict:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.job.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    def first_chunk(self) -> dict | None:
-        """Chat streams open with the assistant's role, as OpenAI's do."""
-        if not self.job.chat:
-            return None
-        return self._stream_body({"role": "assistant", "content": ""}, None, None)
-
-    def chunk(self, piece: CompletionChunk) -> dict | None:
-        """The stream chunk for new text (None when there is nothing to say)."""
-        self.token_ids.extend(piece.token_ids)
-        if not piece.text and not (self.job.options.logprobs is not None and piece.token_ids):
-            return None
-        delta = {"content": piece.text} if self.job.chat else piece.text
-        return self._stream_body(delta, self.logprobs(piece), None)
-
-    def last_chunks(self, last: CompletionChunk) -> list[dict]:
-        """The chunk with the finish reason (and any held-back text), then the usage chunk when asked for."""
-        bodies = []
-        if last.text:
-            bodies.append(self._stream_body({"content": last.text} if self.job.chat else last.text, None, None))
-        bodies.append(self._stream_body({} if self.job.chat else "", None, last.finish_reason))
-        if self.job.include_usage:
-            bodies.append({**self._envelope(True), "choices": [], "usage": self.usage(last.usage, self.token_ids)})
-        return bodies
-
-    def _stream_body(self, delta, logprobs, finish_reason) -> dict:
-        choice = {"index": 0, ("delta" if self.job.chat else "text"): delta, "logprobs": logprobs, "finish_reason": finish_reason}
-        body = {**self._envelope(True), "choices": [choice]}
-        if self.job.include_usage:
-            body["usage"] = None
-        return body
-
-    def whole(self, pieces: list[CompletionChunk]) -> dict:
-        """The non-streaming response, from every chunk of the request (the last has the usage)."""
-        text = "".join(p.text for p in pieces)
-        last = pieces[-1]
-        merged = CompletionChunk(
-            text,
-            [t for p in pieces for t in p.token_ids],
-            [x for p in pieces for x in p.logprobs or []],
-            [x for p in pieces for x in p.top_logprobs or []],
-        )
-        content = {"message": {"role": "assistant", "content": text}} if self.job.chat else {"text": text}
-        choice = {"index": 0, **content, "logprobs": self.logprobs(merged), "finish_reason": last.finish_reason}
-        return {**self._envelope(False), "choices": [choice], "usage": self.usage(last.usage, merged.token_ids)}
-
-    def usage(self, u: Usage, token_ids: list[int]) -> dict:
-        """OpenAI's usage; with a prediction, how many of its tokens the reply has and has not."""
-        body = usage(u)
-        prediction = self.job.options.prediction
-        if prediction is not None:
-            predicted = self.tokenizer.encode(prediction, bos=False)
-            accepted, rejected = prediction_usage(predicted, token_ids)
-            body["completion_tokens_details"] = {"accepted_prediction_tokens": accepted, "rejected_prediction_tokens": rejected}
-        return body
-
-    def logprobs(self, piece: CompletionChunk) -> dict | None:
-        if self.job.options.logprobs is None:
-            return None
-        names = [self.token(t) for t in piece.token_ids]
-        if self.job.chat:
-            return {
-                "content": [
-                    {
-                        **self._entry(name, lp),
-                        "top_logprobs": [self._entry(self.token(i), v) for i, v in top],
-                    }
-                    for name, lp, top in zip(names, piece.logprobs, piece.top_logprobs)
-                ]
-            }
-        offsets = []
-        for _, _, width in names:
-            offsets.append(self.offset)
-            self.offset += width
-        return {
-            "tokens": [name[0] for name in names],
-            "token_logprobs": [_finite(lp) for lp in piece.logprobs],
-            "top_logprobs": [{self.token(i)[0]: _finite(v) for i, v in top} for top in piece.top_logprobs],
-            "text_offset": offsets,
-        }
-
-    @staticmethod
-    def _entry(name: tuple[str, bytes, int], logprob: float) -> dict:
-        return {"token": name[0], "logprob": _finite(logprob), "bytes": list(name[1])}
-
-    def token(self, token_id: int) -> tuple[str, bytes, int]:
-        """A token as text, bytes, and the number of characters it adds to the text.
-
-        A byte piece (<0xE2>) that is not ASCII is "bytes:\\xe2", as in OpenAI's answers, and counts
-        as a character at a character's first byte; a control token (<end_of_turn>) is its piece name.
-        """
-        if token_id not in self._names:
-            piece = self.tokenizer.sp.id_to_piece(token_id) if token_id < self.tokenizer.vocab_size else ""
-            byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
-            if byte:
-                value = int(byte.group(1), 16)
-                name = f"bytes:\\x{value:02x}" if value >= 0x80 else chr(value)
-                self._names[token_id] = name, bytes([value]), int(value < 0x80 or value >= 0xC0)
-            else:
-                text = self.tokenizer.decode([token_id])
-                shown = text if text and "\ufffd" not in text else piece
-                self._names[token_id] = shown, shown.encode(), len(text) if "\ufffd" not in text else 0
-        return self._names[token_id]
-
-
-def usage(u: Usage) -> dict:
-    return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-    }
-
-
-def _finite(x: float) -> float:
-    return x if math.isfinite(x) else NO_LOGPROB
 
 
 def error_for(error: BaseException) -> APIError:
