@@ -84,7 +84,9 @@ class KVCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         for sliding in self.sliding:
-            slots = self.ring if sliding else max_seq_len
+            # A global buffer has one slot more than the longest span, so that a span's slice is
+            # never the whole buffer: packaged graphs take the span as a symbolic size (packages.py).
+            slots = self.ring if sliding else max_seq_len + 1
             shape = (batch_size, config.num_kv_heads, slots, config.head_dim)
             self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
             self.values.append(torch.zeros(shape, device=device, dtype=dtype))
@@ -94,6 +96,9 @@ class KVCache:
         # Host-side: the token ids each row holds, for callers that reuse prompts; None = unknown.
         self.tokens: list[list[int] | None] = [[] for _ in range(batch_size)]
         self.rows = torch.arange(batch_size, device=device)[:, None]  # row index for writes [B, 1]
+        # Which kernels wrote what the rows hold ("eager", "compiled", "packaged"; None: nothing yet).
+        # bfloat16 results repeat only among calls that ran the same kernels (see loop.generate).
+        self.kernels: str | None = None
         self._mark_static()
 
     def _mark_static(self):
@@ -131,6 +136,7 @@ class KVCache:
         if row is None:
             self.lengths.zero_()
             self.high = 0
+            self.kernels = None
             self.reached = [0] * self.batch_size
             self.tokens = [[] for _ in range(self.batch_size)]
         else:

@@ -21,7 +21,7 @@ from .model import Gemma3
 from .options import GenerationOptions
 from .loop import Block, Stats, Steps, generate
 from .runner import Runner
-from .sampling import SamplingSettings
+from .sampling import SamplingSettings, sampling_kind
 from . import speculative
 from .drafts import prediction_usage
 from .session import Session
@@ -43,7 +43,7 @@ class Engine:
         *,
         device: torch.device,
         dtype: torch.dtype,
-        compile: bool,
+        compile: bool | str,
         max_seq_len: int,
         defaults: SamplingSettings = SamplingSettings(),
         eos_ids: Sequence[int] = (),
@@ -64,7 +64,8 @@ class Engine:
         self.device = device
         self.dtype = dtype
         self.max_seq_len = max_seq_len
-        self.compiled = compile
+        self.compiled = self.runner.compiled  # torch.compile in this process
+        self.compile = compile  # True, False or "cached" (see loading.load)
         self.defaults = defaults
         self.eos_ids = tuple(dict.fromkeys([*model.config.eos_token_ids, *eos_ids]))
         self._local = threading.local()  # per thread: the last call's Stats
@@ -243,6 +244,8 @@ class Engine:
         compared = prompts if images is None else [images.keyed(row, p) for row, p in enumerate(prompts)]
         if own:
             cache = self.runner.checkout(len(prompts), compared if self.reuse_prompts else None)
+            if cache.kernels not in (None, self._kernels_for(len(prompts), options, grammars, speculation, images)):
+                cache.reset()  # written by other kernels: bfloat16 bits would differ from a fresh call's
             if self.reuse_prompts:
                 stats.cached_tokens = [cache.reuse(row, p) for row, p in enumerate(compared)]
                 feed = [p[kept:] for p, kept in zip(prompts, stats.cached_tokens)]
@@ -266,6 +269,14 @@ class Engine:
             grammars=grammars,
         )
         return Steps(self._returning(steps, cache, None if images is None else compared) if own else steps, stats)
+
+    def _kernels_for(self, batch_size: int, options: GenerationOptions, grammars, speculation, images) -> str:
+        """Which kernels a call will run: "packaged" when the compile cache has its graphs (see loop.generate)."""
+        if speculation is None and images is None:
+            kind = sampling_kind([options.sampling(self.defaults)])
+            if self.runner.kernels(batch_size, kind, options.logprobs is not None, bool(grammars)) is not None:
+                return "packaged"
+        return self.runner.kernel_name
 
     def row_grammars(self, options: GenerationOptions, batch_size: int, chat: bool = False) -> list:
         """One matcher per row for the options' json_schema, regex or grammar (none: an empty list)."""

@@ -7,12 +7,14 @@ checkpoint's own defaults (generation_config.json) are read here too.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
 from .engine import DEFAULT_REWIND_MARGIN, Engine
 from .errors import InvalidArgumentError, ModelLoadError
 from .model import Gemma3, checkpoint_shapes, pack_weights
+from .packages import cache_dir
 from .packing import can_pack, pack_for_cpu
 from .sampling import SamplingSettings
 from .tokenizer import Tokenizer
@@ -75,7 +77,7 @@ def load(
     *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
-    compile: bool | None = None,
+    compile: bool | str | None = None,
     max_seq_len: int | None = None,
     quantize: str | None = None,
     rewind_margin: int = DEFAULT_REWIND_MARGIN,
@@ -92,6 +94,10 @@ def load(
     model with the same tokenizer (a source, loaded like this one, or an Engine such as an int8
     one) that drafts tokens for speculative decoding; see speculative.py. vision: build the
     image tower when the checkpoint has one (False saves its memory; the engine then takes no images).
+    compile: True compiles prefill and the decode step with torch.compile in this process (CUDA's
+    default: CUDA graphs); "cached" runs them from packages compiled once per machine and kept on
+    disk, built in the background after the first process that lacks them (CPU's default; see
+    packages.py); False runs eagerly.
     """
     if not isinstance(vision, bool):
         raise InvalidArgumentError(f"vision must be True or False, got {vision!r}")
@@ -102,8 +108,11 @@ def load(
     device = parse_device(device)
     dtype = parse_dtype(dtype)
     if compile is None:
-        compile = device.type == "cuda"
-    checkpoint = read_checkpoint(resolve(source))
+        compile = True if device.type == "cuda" else ("cached" if cache_dir() is not None else False)
+    if compile not in (True, False, "cached"):
+        raise InvalidArgumentError(f"compile must be True, False or 'cached', got {compile!r}")
+    resolved = resolve(source)
+    checkpoint = read_checkpoint(resolved)
     max_seq_len = _max_seq_len(max_seq_len, checkpoint.config.max_position_embeddings)
 
     model = _build_model(checkpoint, device, dtype)
@@ -125,12 +134,12 @@ def load(
     defaults, extra_eos = generation_defaults(checkpoint)
     if draft is not None and not isinstance(draft, Engine):
         draft = load(draft, device=device, dtype=dtype, compile=compile, max_seq_len=max_seq_len, rewind_margin=rewind_margin)
-    return Engine(
+    engine = Engine(
         model,
         tokenizer,
         device=device,
         dtype=dtype,
-        compile=bool(compile),
+        compile=compile,
         max_seq_len=max_seq_len,
         defaults=defaults,
         eos_ids=extra_eos,
@@ -140,6 +149,12 @@ def load(
         image_encoder=image_encoder,
         vision_skipped=not vision and "vision_config" in checkpoint.raw_config,
     )
+    if engine.runner.packages is not None:  # how the background builder loads this model again
+        engine.runner.packages.recipe = {
+            "source": str(Path(resolved).resolve()), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "max_seq_len": max_seq_len, "quantize": quantize, "rewind_margin": rewind_margin,
+        }  # fmt: skip
+    return engine
 
 
 def _max_seq_len(value, model_limit: int) -> int:

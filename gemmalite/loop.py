@@ -152,11 +152,14 @@ def generate(
     produced = 0  # tokens each row has produced so far (one per step)
     # What each row will hold once its tokens are fed: what it held, its prompt, its reply.
     transcripts = [None if t is None else t + p for t, p in zip(cache.tokens, prompts)]
+    plain = speculation is None and images is None
+    kernels = runner.kernels(batch, kind, with_logprobs, guide is not None) if plain else None
+    prompts = _same_kernels(runner, cache, prompts, transcripts, kernels, stats)
     prefilled = False
     try:
         started = time.perf_counter()
         with torch.no_grad(), runner.lock:
-            logits = runner.prefill(cache, prompts, images)
+            logits = runner.prefill(cache, prompts, images, kernels)
             prefilled = True
             tokens = choose(logits, sampler, penalty, cache.lengths, kind, guide.allowed() if guide else None)
             count_tokens(penalty, tokens, torch.ones_like(tokens, dtype=torch.bool))
@@ -180,7 +183,7 @@ def generate(
             with torch.no_grad(), runner.lock:
                 fed = active
                 allowed = guide.allowed() if guide else None
-                tokens, active, chosen = runner.step(cache, tokens, active, sampler, penalty, eos_tensor, kind, with_logprobs, allowed)
+                tokens, active, chosen = runner.step(cache, tokens, active, sampler, penalty, eos_tensor, kind, with_logprobs, allowed, kernels)
                 count_tokens(penalty, tokens, fed)
             out.add(tokens, chosen)
             produced += 1
@@ -190,6 +193,18 @@ def generate(
                 stats.decode_s = time.perf_counter() - decode_started
     finally:
         settle(cache, transcripts if prefilled else [None] * batch)
+
+
+def _same_kernels(runner: Runner, cache: KVCache, prompts, transcripts, kernels, stats: Stats) -> list[list[int]]:
+    """The prompts to feed: when other kernels wrote what the cache holds (an eager call before
+    its packages were built, say), the rows are emptied and fed their whole transcripts, so that
+    a reply never depends on which kernels ran the calls before it."""
+    mine = kernels.name if kernels is not None else runner.kernel_name
+    if cache.kernels in (None, mine) or cache.high == 0 or any(t is None for t in transcripts):
+        return prompts
+    cache.reset()
+    stats.cached_tokens = [0] * len(prompts)
+    return [list(t) for t in transcripts]
 
 
 def _end_complete(guide: Guide | None, tokens: torch.Tensor, active: torch.Tensor, rows: Rows, produced: int) -> bool:

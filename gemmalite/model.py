@@ -112,8 +112,8 @@ def attend(q, k, v, mask, scale: float, softcap: float | None = None) -> torch.T
     # The query heads that share a key/value head become rows of one matmul against it, in
     # (head in group, query) order; bmm on 3-D views, as a 4-D matmul would copy the keys first.
     n = groups * T
-    rows = F.pad(q.reshape(B * kv, n, D).float(), (0, 0, 0, max(ROW_TILE, -(-n // ROW_TILE) * ROW_TILE) - n))
-    keys, values = k.reshape(B * kv, -1, D).float(), v.reshape(B * kv, -1, D).float()
+    rows = F.pad(q.reshape(B * kv, n, D).float(), (0, 0, 0, -(-n // ROW_TILE) * ROW_TILE - n))  # n >= 1: one tile at least
+    keys, values = k.flatten(0, 1).float(), v.flatten(0, 1).float()  # views of any span: no copy
     scores = torch.bmm(rows, keys.transpose(1, 2))[:, :n].reshape(B, kv, groups, T, -1) * scale
     if softcap is not None:  # Gemma 3 never sets it; Gemma 2 did
         scores = torch.tanh(scores / softcap) * softcap

@@ -31,6 +31,7 @@ from .errors import InvalidArgumentError
 from .grammar import mask_logits
 from .model import Gemma3
 from .options import MAX_LOGPROBS
+from .packages import Graph, Packages, cache_dir, cache_tensors, flat_args, model_inputs
 from .sampling import Penalties, SamplerState, apply_penalties, greedy, logprobs, sample
 
 PREFILL_CHUNK = 512
@@ -137,7 +138,7 @@ class Runner:
         *,
         device: torch.device,
         dtype: torch.dtype,
-        compile: bool,
+        compile: bool | str,
         max_seq_len: int,
         rewind_margin: int = 0,
     ):
@@ -146,8 +147,12 @@ class Runner:
         self.dtype = dtype
         self.max_seq_len = max_seq_len
         self.rewind_margin = rewind_margin
-        self.compiled = compile
+        self.compiled = compile is True  # torch.compile, in this process
         model.setup_rope(max_seq_len)
+        # compile="cached": prefill and decode from the machine's compile cache (packages.py).
+        self.packages = Packages(self, cache_dir(), recipe=None) if compile == "cached" else None
+        self._inputs: list[torch.Tensor] | None = None  # the model's tensors, as packages take them
+        self._spanners: dict[int, torch.Tensor] = {}
         # One function per mode (decode with a kind of sampling, logprobs or not; prefill), each
         # compiled on first use: a mode's graphs then differ only by shape (batch, chunk bucket).
         self._graphs: dict[tuple, tuple] = {}
@@ -206,6 +211,28 @@ class Runner:
         """(key, input shape) of every graph the decode step (or "prefill") was called with so far."""
         return sorted((key, tuple(shape)) for key, shape in self._shapes_run if key[0] == mode)
 
+    def kernels(self, batch_size: int, kind: str, with_logprobs: bool, masked: bool) -> "Kernels | None":
+        """The packaged prefill and decode step for a call of this shape, when the compile cache
+        holds both (compile="cached"); None: the call runs eagerly (and the missing ones are wanted)."""
+        if self.packages is None:
+            return None
+        prefill = self.packages.get(Graph("prefill", batch_size))
+        decode = self.packages.get(Graph("decode", batch_size, kind, with_logprobs, masked))
+        if prefill is None or decode is None:
+            return None
+        if self._inputs is None:
+            self._inputs = model_inputs(self.model)[1]
+        return Kernels(prefill, decode)
+
+    def _packaged(self, fn, cache: KVCache, args: tuple, span: int):
+        if span not in self._spanners:  # the span reaches the package as a shape, never as data
+            self._spanners[span] = torch.empty(span, device=self.device)
+        return fn(self._inputs, cache_tensors(cache), args, self._spanners[span])
+
+    @property
+    def kernel_name(self) -> str:
+        return "compiled" if self.compiled else "eager"
+
     def new_cache(self, batch_size: int, device: torch.device | str | None = None) -> KVCache:
         return KVCache(
             self.config, batch_size, self.max_seq_len, rewind_margin=self.rewind_margin, device=device or self.device, dtype=self.dtype
@@ -253,12 +280,15 @@ class Runner:
             return max((c.nbytes for c in self._idle), default=0)
 
     @torch.no_grad()
-    def prefill(self, cache: KVCache, chunks: Sequence[Sequence[int]], images: Sequence[Sequence] | None = None) -> torch.Tensor:
+    def prefill(
+        self, cache: KVCache, chunks: Sequence[Sequence[int]], images: Sequence[Sequence] | None = None, kernels: "Kernels | None" = None
+    ) -> torch.Tensor:
         """Append each row's tokens to the cache; return float32 logits [B, vocab] of each row's last token.
 
         `images`: for each row, the (span, features) of the images among its tokens (see
         vision.ImageSpan; features [span.length, hidden] in the model's dtype). A chunk never cuts
         through an image: one image's tokens attend to each other, so they are fed together.
+        `kernels` (see `kernels`): run the packaged prefill; images then take the eager one.
         """
         lengths = [len(c) for c in chunks]
         cache.check_room(lengths)
@@ -268,8 +298,11 @@ class Runner:
         held = cache.lengths.tolist()
         images = images or [()] * len(chunks)
         width = self.prefill_width(cache)
+        kernels = None if any(images) else kernels  # an image chunk takes the eager prefill
+        compiled = self.compiled or kernels is not None
+        cache.kernels = kernels.name if kernels else self.kernel_name
         # Compiled chunks are padded to a few fixed lengths, so prompts of any length share graphs.
-        padded = max(lengths) if not self.compiled else width * (-(-max(lengths) // width))
+        padded = max(lengths) if not compiled else width * (-(-max(lengths) // width))
         ids = torch.zeros(len(chunks), padded + width, dtype=torch.long)
         for row, chunk in enumerate(chunks):
             ids[row, : len(chunk)] = torch.as_tensor(chunk, dtype=torch.long)
@@ -277,7 +310,7 @@ class Runner:
         last = torch.zeros(len(chunks), self.config.vocab_size, device=self.device)
         for cuts in chunk_cuts(lengths, width, [[span for span, _ in row] for row in images]):
             size = max(end - start for start, end in cuts)
-            if self.compiled:
+            if compiled:
                 size = prefill_bucket(size, width)
                 if self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()
@@ -290,8 +323,11 @@ class Runner:
             chunk = torch.where(offsets < n_new[:, None], ids.gather(1, starts[:, None] + offsets), 0)
             seen = [[(span, f) for span, f in row if start <= span.start < end] for row, (start, end) in zip(images, cuts)]
             extra = () if not any(seen) else self._image_inputs(chunk, seen, cuts, held)
-            chunk_fn = self._compiled(key, prefill_chunk)
-            logits = self._call(key, chunk.shape, chunk_fn, self.model, cache, chunk, n_new, key[1], *extra)
+            if kernels is not None:
+                logits = self._packaged(kernels.prefill, cache, (chunk, n_new), key[1])
+            else:
+                chunk_fn = self._compiled(key, prefill_chunk)
+                logits = self._call(key, chunk.shape, chunk_fn, self.model, cache, chunk, n_new, key[1], *extra)
             ends_here = torch.tensor([end == n and end > start for (start, end), n in zip(cuts, lengths)], device=self.device)
             last = torch.where(ends_here[:, None], logits.float(), last)
         return last
@@ -309,14 +345,19 @@ class Runner:
                 after[row, at : at + span.length] = held[row] + span.end
         return embeds, (first.to(self.device), after.to(self.device))
 
-    def step(self, cache: KVCache, tokens, active, sampler, penalties, eos_ids, kind: str, with_logprobs: bool, allowed=None):
+    def step(self, cache: KVCache, tokens, active, sampler, penalties, eos_ids, kind: str, with_logprobs: bool, allowed=None, kernels=None):
         """One decode step, compiled when the runner is; the outputs are the caller's to keep.
 
         The step only reads the penalty counts: the caller adds the new tokens (count_tokens).
         A graph that wrote into a tensor that is not a static buffer could not be a CUDA graph.
         `allowed` (a grammar bitmask, see grammar.py) selects the graph that masks; its contents
-        never recompile it.
+        never recompile it. `kernels` (see `kernels`): run the packaged step.
         """
+        if kernels is not None:
+            cache.high = min(cache.high + 1, cache.max_seq_len)
+            cache.kernels = kernels.name
+            args = flat_args(Graph("decode", 1), (tokens, active, sampler, penalties, eos_ids, allowed))
+            return kernels.decode_outputs(self._packaged(kernels.decode, cache, args, cache.span(cache.high)))
         if self.device.type == "cuda" and self.compiled:
             torch.compiler.cudagraph_mark_step_begin()
         cache.high = min(cache.high + 1, cache.max_seq_len)
@@ -355,3 +396,17 @@ class Runner:
         padded = torch.full((EOS_SLOTS,), -1, dtype=torch.long)
         padded[: len(eos_ids)] = torch.tensor(list(eos_ids)[:EOS_SLOTS], dtype=torch.long)
         return padded.to(self.device)
+
+
+class Kernels:
+    """A call's packaged prefill and decode step (see Runner.kernels)."""
+
+    name = "packaged"
+
+    def __init__(self, prefill, decode):
+        self.prefill, self.decode = prefill, decode
+
+    @staticmethod
+    def decode_outputs(out):
+        tokens, active, chosen = out
+        return tokens, active, None if chosen is None else tuple(chosen)

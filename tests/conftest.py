@@ -19,6 +19,10 @@ import torch
 
 import gemmalite
 
+# No test process, nor any CLI or server it starts, reads the user's compile cache or starts a
+# background builder; tests/test_packages.py points engines at caches of its own.
+os.environ["GEMMALITE_COMPILE_CACHE"] = "off"
+
 TINY = dict(
     hidden_size=64,
     intermediate_size=128,

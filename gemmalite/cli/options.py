@@ -51,7 +51,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="compile the decode step with torch.compile (default: on for CUDA, off for CPU)",
+        help="--compile: compile prefill and the decode step with torch.compile in this process (CUDA's default); "
+        "--no-compile: eager. CPU's default: run them from the compile cache, whose packages are built once per "
+        "machine, in the background after the first run that lacks them",
     )
     group.add_argument("--max-seq-len", type=int, metavar="N", help="longest transcript in tokens (default: min(model's, 32768))")
     group.add_argument(
@@ -175,7 +177,8 @@ def load_engine(args: argparse.Namespace):
         quantize=args.quantize,
     )
     dtype = str(engine.dtype).removeprefix("torch.")
-    compiled = (", compiled" if engine.compiled else "") + (", int8" if args.quantize else "")
+    compiled = (", compiled" if engine.compiled else ", compile cache" if engine.compile == "cached" else "")
+    compiled += ", int8" if args.quantize else ""
     compiled += f", drafting with {args.draft}" if draft is not None else ""
     info(args, f"loaded {source} in {time.perf_counter() - started:.2f} s ({engine.device}, {dtype}{compiled})")
     engine.runner.on_compile = lambda what, seconds: info(args, compile_notice(what, seconds))

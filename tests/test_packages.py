@@ -1,0 +1,174 @@
+"""The compile cache (packages.py): graphs compiled once per machine, run by later processes.
+
+Each entry is built once per test module: an AOTInductor build of the tiny model takes tens of
+seconds on two cores. float32 proves the packaged graphs against eager, token for token; bfloat16
+holds packaged calls to themselves, fresh, reused and after eager calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gemmalite
+from gemmalite import packages
+from gemmalite.packages import Graph, build, build_queue
+
+from conftest import MARGIN
+from test_invariance import SAMPLED, fresh_call, ids
+
+PROMPT = [2, 17, 33, 91, 5, 240, 77, 12, 8, 150, 41]
+GREEDY = Graph("decode", 1, "greedy")
+SORTED_WITH_LOGPROBS = Graph("decode", 1, "sorted", with_logprobs=True)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A compile cache holding the float32 prefill and greedy step of the tiny model at batch 1."""
+    path = tmp_path_factory.mktemp("compiled")
+    with cache_at(path):
+        yield path
+
+
+class cache_at:
+    """GEMMALITE_COMPILE_CACHE set to `path` while inside (conftest turns it off for the suite)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __enter__(self):
+        self.before = os.environ["GEMMALITE_COMPILE_CACHE"]
+        os.environ["GEMMALITE_COMPILE_CACHE"] = self.path
+
+    def __exit__(self, *exc):
+        os.environ["GEMMALITE_COMPILE_CACHE"] = self.before
+
+
+def cached(tiny, dtype="float32", **options):
+    return gemmalite.load(tiny[0], dtype=dtype, compile="cached", max_seq_len=1024, rewind_margin=MARGIN, **options)
+
+
+@pytest.fixture(scope="module")
+def built(tiny, root):
+    engine = cached(tiny)
+    for graph in (Graph("prefill", 1), GREEDY):
+        build(engine.runner, graph, root)
+    return root
+
+
+def test_cpu_defaults_to_the_compile_cache_and_off_means_eager(tiny, root, monkeypatch):
+    assert cached(tiny).compile == "cached"
+    assert gemmalite.load(tiny[0], dtype="float32").compile == "cached"
+    monkeypatch.setenv("GEMMALITE_COMPILE_CACHE", "off")
+    eager = gemmalite.load(tiny[0], dtype="float32")
+    assert eager.compile is False and eager.runner.packages is None
+    with pytest.raises(gemmalite.InvalidArgumentError, match="compile must be"):
+        gemmalite.load(tiny[0], compile="yes")
+
+
+def test_a_second_process_runs_the_packages_and_gets_eagers_tokens(tiny, built, tiny_engine):
+    script = f"""
+import json, gemmalite
+engine = gemmalite.load({str(tiny[0])!r}, dtype="float32", max_seq_len=1024, rewind_margin={MARGIN})
+done = engine.complete({PROMPT}, max_new_tokens=40, ignore_eos=True)
+print(json.dumps({{"tokens": done.token_ids, "loaded": sorted(g.name for g in engine.runner.packages.loaded),
+                  "wanted": len(engine.runner.packages.wanted)}}))
+"""
+    env = {**os.environ, "GEMMALITE_COMPILE_CACHE": str(built)}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["loaded"] == ["decode", "prefill"] and got["wanted"] == 0
+    eager = tiny_engine.complete(PROMPT, max_new_tokens=40, ignore_eos=True).token_ids
+    assert got["tokens"] == eager
+
+
+def test_packaged_calls_cross_spans_and_chunks_with_eagers_tokens(tiny, built, tiny_engine):
+    engine = cached(tiny)
+    long_prompt = ids(300, 5)  # several prefill chunks; decode crosses from a 256- to a 512-slot span
+    for prompt in (PROMPT, long_prompt, [2]):
+        got = engine.complete(prompt, max_new_tokens=230, ignore_eos=True, repetition_penalty=1.3)
+        assert engine.runner.packages.loaded and engine.runner.kernels(1, "greedy", False, False) is not None
+        assert got.token_ids == tiny_engine.complete(prompt, max_new_tokens=230, ignore_eos=True, repetition_penalty=1.3).token_ids
+
+
+def test_a_call_whose_graphs_are_missing_runs_eagerly_and_wants_them(tiny, built, tiny_engine, monkeypatch):
+    engine = cached(tiny)
+    done = engine.complete(PROMPT, max_new_tokens=12, temperature=0.7, top_k=5, seed=3)
+    assert engine.runner.packages.wanted == {Graph("decode", 1, "topk")}  # the prefill exists
+    assert done.token_ids == tiny_engine.complete(PROMPT, max_new_tokens=12, temperature=0.7, top_k=5, seed=3).token_ids
+    started = []
+    monkeypatch.setattr(packages.subprocess, "Popen", lambda argv, **kw: started.append((argv, kw)))
+    engine.runner.packages.build_in_background()
+    (argv, kw), = started
+    assert kw["start_new_session"] and kw["env"]["GEMMALITE_COMPILE_CACHE"] == str(built)
+    queued = [json.loads(p.read_text()) for p in (built / "queue").glob("*.json")]
+    assert [q["graph"]["kind"] for q in queued] == ["topk"] and queued[0]["recipe"]["source"] == str(tiny[0].resolve())
+    shutil.rmtree(built / "queue")
+
+
+@pytest.mark.parametrize("change", ["max_seq_len", "dtype", "torch", "gemmalite", "cpu"])
+def test_a_change_to_anything_a_graph_depends_on_makes_a_new_entry(tiny, built, change, monkeypatch):
+    name = cached(tiny).runner.packages.name(GREEDY)
+    options = {"max_seq_len": dict(max_seq_len=512), "dtype": dict(dtype="bfloat16")}.get(change, {})
+    if change == "torch":
+        monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
+    if change == "gemmalite":
+        monkeypatch.setattr(packages, "_source_digest", lambda: "edited")
+    if change == "cpu":
+        monkeypatch.setattr(packages, "_cpu", lambda: "another cpu")
+    engine = gemmalite.load(tiny[0], compile="cached", rewind_margin=MARGIN, **{"dtype": "float32", "max_seq_len": 1024, **options})
+    assert engine.runner.packages.name(GREEDY) != name
+    assert engine.runner.kernels(1, "greedy", False, False) is None and GREEDY in engine.runner.packages.wanted
+
+
+def test_a_corrupt_or_foreign_entry_is_announced_deleted_and_rebuilt(tiny, built, tiny_engine, tmp_path):
+    other = tmp_path / "compiled"
+    shutil.copytree(built, other)
+    with cache_at(other):
+        engine = cached(tiny)
+        name = engine.runner.packages.name(GREEDY)
+        (other / f"{name}.pt2").write_bytes(b"not a package")
+        record = json.loads((other / f"{engine.runner.packages.name(Graph('prefill', 1))}.json").read_text())
+        record["torch"] = "0.0"  # a record that is not this graph's
+        (other / f"{engine.runner.packages.name(Graph('prefill', 1))}.json").write_text(json.dumps(record))
+        notices = []
+        engine.runner.packages.on_notice = notices.append
+        done = engine.complete(PROMPT, max_new_tokens=20, ignore_eos=True)  # eager, and no crash
+        assert len(notices) == 2 and all("unreadable" in n and "rebuilt" in n for n in notices)
+        assert not list(other.glob("*.pt2"))
+        assert engine.runner.packages.wanted == {GREEDY, Graph("prefill", 1)}
+
+        queue = other / "queue"
+        queue.mkdir()
+        for request in engine.runner.packages.requests():
+            (queue / f"{request['name']}.json").write_text(json.dumps(request))
+        assert build_queue(other) == 2 and not list(queue.iterdir())
+        again = cached(tiny)
+        assert again.complete(PROMPT, max_new_tokens=20, ignore_eos=True).token_ids == done.token_ids
+        assert {g.name for g in again.runner.packages.loaded} == {"prefill", "decode"}
+
+
+def test_bf16_packaged_replies_are_the_same_fresh_reused_and_after_eager_calls(tiny, root):
+    engine = cached(tiny, dtype="bfloat16")
+    for graph in (Graph("prefill", 1), SORTED_WITH_LOGPROBS):
+        build(engine.runner, graph, root)
+    eager_first = engine.complete(ids(20, 1), max_new_tokens=8, temperature=0.8, seed=1)  # "plain": not built
+    assert engine.runner.kernels(1, "plain", False, False) is None
+    transcript = ids(20, 1) + eager_first.token_ids + ids(9, 2)[1:]
+    # The pool's cache was written eagerly: the packaged call feeds the whole transcript again.
+    reused = engine.complete(transcript, seed=4, **SAMPLED)
+    assert reused.usage.cached_tokens == 0 and [c.kernels for c in engine.runner._idle] == ["packaged"]
+    alone = fresh_call(engine, transcript, seed=4, **SAMPLED)
+    assert reused.token_ids == alone.token_ids and reused.top_logprobs == alone.top_logprobs
+    longer = transcript + reused.token_ids + ids(7, 3)[1:]
+    reused = engine.complete(longer, seed=5, **SAMPLED)
+    assert reused.usage.cached_tokens > 0
+    alone = fresh_call(engine, longer, seed=5, **SAMPLED)
+    assert reused.token_ids == alone.token_ids and reused.top_logprobs == alone.top_logprobs
