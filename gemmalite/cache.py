@@ -70,6 +70,7 @@ class KVCache:
         rewind_margin: int = 0,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.bfloat16,
+        static: bool = True,
     ):
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
@@ -99,10 +100,14 @@ class KVCache:
         # Which kernels wrote what the rows hold ("eager", "compiled", "packaged"; None: nothing yet).
         # bfloat16 results repeat only among calls that ran the same kernels (see loop.generate).
         self.kernels: str | None = None
+        self.static = static
         self._mark_static()
 
     def _mark_static(self):
-        # The buffers never move, so CUDA graphs may read and write them in place.
+        # The buffers never move, so CUDA graphs may read and write them in place. Only a compiled
+        # runner's caches say so: the marking imports torch's compiler (seconds), which eager needs not.
+        if not self.static:
+            return
         for t in (*self.keys, *self.values, self.lengths):
             torch._dynamo.mark_static_address(t)
 

@@ -126,6 +126,10 @@ def attend(q, k, v, mask, scale: float, softcap: float | None = None) -> torch.T
 class TiedEmbedding(nn.Embedding):
     """Token embedding that doubles as the output head (Gemma ties them)."""
 
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:  # on meta (loading) the checkpoint's tensor replaces it; meta's
+            super().reset_parameters()  # normal_ would import torch's compiler stack, seconds of start-up
+
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
 

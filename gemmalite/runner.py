@@ -235,14 +235,20 @@ class Runner:
 
     def new_cache(self, batch_size: int, device: torch.device | str | None = None) -> KVCache:
         return KVCache(
-            self.config, batch_size, self.max_seq_len, rewind_margin=self.rewind_margin, device=device or self.device, dtype=self.dtype
-        )
+            self.config, batch_size, self.max_seq_len, rewind_margin=self.rewind_margin, device=device or self.device,
+            dtype=self.dtype, static=self.compiled,
+        )  # fmt: skip
 
     def prefill_width(self, cache: KVCache) -> int:
         """The most tokens a prefill chunk takes: the cache's bound, and no longer than the window either
         (a ring could take more, but every chunk length is a compiled graph, and small-window models
         would compile many for nothing)."""
         return min(PREFILL_CHUNK, cache.longest_chunk, cache.window)
+
+    def chunk_lengths(self, batch_size: int) -> tuple[int, int]:
+        """The shortest and longest compiled prefill chunk (see prefill_bucket)."""
+        width = self.prefill_width(self.new_cache(batch_size, device="meta"))
+        return prefill_bucket(1, width), width
 
     def checkout(self, batch_size: int, prompts: list[list[int]] | None = None) -> KVCache:
         """A cache for one call to use alone: an idle one of this batch size, else a new one.

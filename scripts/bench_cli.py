@@ -29,6 +29,7 @@ import tempfile
 import time
 
 PROMPT = "The three primary colours are"
+CLI_SIDES = {"default": [], "--no-compile, eager": ["--no-compile"], "--quantize int8": ["--quantize", "int8"]}
 STATS = re.compile(r"time to first token (\d+) ms; (\d+) new tokens in ([\d.]+) s")
 
 LLAMA = r"""
@@ -91,6 +92,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama.cpp's threads")
     p.add_argument("--prepare", action="store_true", help="first run gemmalite once and wait for its background build")
     p.add_argument("--fresh-cache", action="store_true", help="time the first command on an empty gemmalite cache instead")
+    p.add_argument("--sides", type=lambda v: v.split(","), default=["default", "--no-compile"],
+                   help=f"gemmalite's sides, comma-separated, of: {', '.join(CLI_SIDES)}")
     p.add_argument("--json", help="write the runs here")
     args = p.parse_args(argv)
     env = dict(os.environ)
@@ -104,14 +107,17 @@ def main(argv=None) -> None:
                     _stop_builders(empty)
     else:
         if args.prepare:
-            run_gemmalite(args.model, args.new_tokens, [], env)
-            _wait_for_builder()
+            for label, extra in CLI_SIDES.items():
+                if label.split(",")[0] in args.sides:
+                    run_gemmalite(args.model, args.new_tokens, extra, env)
+                    _wait_for_builder()
         llama = have_llama()
         if not llama:
             print("llama-cpp-python is not installed: gemmalite only", file=sys.stderr)
         for _ in range(args.rounds):
-            sides.setdefault("gemmalite CLI, default", []).append(run_gemmalite(args.model, args.new_tokens, [], env))
-            sides.setdefault("gemmalite CLI, --no-compile (eager)", []).append(run_gemmalite(args.model, args.new_tokens, ["--no-compile"], env))
+            for label, extra in CLI_SIDES.items():
+                if label.split(",")[0] in args.sides:
+                    sides.setdefault(f"gemmalite CLI, {label}", []).append(run_gemmalite(args.model, args.new_tokens, extra, env))
             if llama:
                 sides.setdefault(f"llama.cpp, {args.threads} threads", []).append(run_llama(args.model, args.new_tokens, args.threads))
     print(table(sides))
@@ -121,7 +127,7 @@ def main(argv=None) -> None:
 
 
 def _builders() -> list[str]:
-    out = subprocess.run(["pgrep", "-f", "gemmalite.packages import main"], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-f", "gemmalite.builder import main"], capture_output=True, text=True).stdout
     return out.split()
 
 

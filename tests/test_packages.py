@@ -18,14 +18,24 @@ import torch
 
 import gemmalite
 from gemmalite import packages
-from gemmalite.packages import Graph, build, build_queue
+from gemmalite.builder import build, build_queue
+from gemmalite.packages import Graph
 
 from conftest import MARGIN
 from test_invariance import SAMPLED, fresh_call, ids
 
 PROMPT = [2, 17, 33, 91, 5, 240, 77, 12, 8, 150, 41]
+BUILD_IN_BACKGROUND = packages.Packages.build_in_background
 GREEDY = Graph("decode", 1, "greedy")
 SORTED_WITH_LOGPROBS = Graph("decode", 1, "sorted", with_logprobs=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_builders_at_exit():
+    """Engines here want graphs; no builder may start when the test process exits."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(packages.Packages, "build_in_background", lambda self: None)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +115,7 @@ def test_a_call_whose_graphs_are_missing_runs_eagerly_and_wants_them(tiny, built
     assert done.token_ids == tiny_engine.complete(PROMPT, max_new_tokens=12, temperature=0.7, top_k=5, seed=3).token_ids
     started = []
     monkeypatch.setattr(packages.subprocess, "Popen", lambda argv, **kw: started.append((argv, kw)))
-    engine.runner.packages.build_in_background()
+    BUILD_IN_BACKGROUND(engine.runner.packages)
     (argv, kw), = started
     assert kw["start_new_session"] and kw["env"]["GEMMALITE_COMPILE_CACHE"] == str(built)
     queued = [json.loads(p.read_text()) for p in (built / "queue").glob("*.json")]
