@@ -31,6 +31,7 @@ only among calls that ran the same kernels).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -239,8 +240,9 @@ class Packages:
             return _Package(path)
         except Exception as e:  # a torn, foreign or corrupt entry: never served, built again
             self.on_notice(f"compile cache entry {path.name} is unreadable ({type(e).__name__}: {e}); it will be rebuilt")
-            path.unlink(missing_ok=True)
-            path.with_suffix(".json").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+                path.with_suffix(".json").unlink(missing_ok=True)
             return None
 
     def want(self, graph: Graph) -> None:
@@ -257,6 +259,13 @@ class Packages:
 
     def build_in_background(self) -> subprocess.Popen | None:
         """Queue the wanted graphs and start a low-priority builder, detached from this process."""
+        try:
+            return self._start_builder()
+        except OSError as e:  # a read-only or full cache: the calls simply stay eager
+            self.on_notice(f"could not start the compile cache's builder in {self.root} ({e}); calls stay eager")
+            return None
+
+    def _start_builder(self) -> subprocess.Popen | None:
         todo = [r for r in self.requests() if not (self.root / f"{r['name']}.pt2").exists()]
         if not todo:
             return None

@@ -186,3 +186,16 @@ def test_bf16_packaged_replies_are_the_same_fresh_reused_and_after_eager_calls(t
     assert reused.usage.cached_tokens > 0
     alone = fresh_call(engine, longer, seed=5, **SAMPLED)
     assert reused.token_ids == alone.token_ids and reused.top_logprobs == alone.top_logprobs
+
+
+def test_a_cache_that_cannot_be_written_leaves_calls_eager_with_a_notice(tiny, tiny_engine, tmp_path):
+    blocked = tmp_path / "a file, not a directory"
+    blocked.write_text("")
+    with cache_at(blocked / "compiled"):
+        engine = cached(tiny)
+        notices = []
+        engine.runner.packages.on_notice = notices.append
+        done = engine.complete(PROMPT, max_new_tokens=8, ignore_eos=True)
+        assert done.token_ids == tiny_engine.complete(PROMPT, max_new_tokens=8, ignore_eos=True).token_ids
+        assert BUILD_IN_BACKGROUND(engine.runner.packages) is None
+        assert len(notices) == 1 and "could not start" in notices[0]
