@@ -6,22 +6,8 @@ its own. Each turn of the loop:
 1. admit: waiting requests take free slots, first come first served;
 2. prefill: new prompts, oldest first (all of them when no one is decoding, else at most
    PREFILL_BUDGET tokens, so the others wait one chunk at most);
-3. decode: one step for the rows in flight, sized to them (see below);
+3. decode: one step for the rows in flight, sized to them (see placement.py);
 4. hand each request its new token, and free the slots that finished or were cancelled.
-
-A step sized to the busy rows. The step decodes the first B rows of the cache, B the smallest of
-a few batch sizes (1, 2, 4, 8 ... up to `parallel`, see batch_sizes) that covers the decoding
-rows, so a lone request pays for one row, and each size compiles once per sampling kind. Rows in
-that range with nothing to decode are frozen (inactive). Decoding rows are kept packed low: a
-prompt whose slot lies above the size it needs is copied from the staging cache into a free row
-below instead (that row's cache moves up, in exchange: one extra copy); and when requests end
-and a smaller size would do, a decoding row above it swaps with a free row below (three copies,
-through the staging cache, so only while no prompt is in it). Moving a row changes no token: a
-row's position in the batch plays no part in what it computes.
-
-Prompts are prefilled in a one-row staging cache, then copied into their slot's row: a prefill
-pads every row of a batch to the longest chunk, so one prompt prefilled in a batch of 8 would
-cost eight prompts' compute.
 
 Prompt reuse. A slot keeps its cache when its request ends. A new request takes the free slot
 whose transcript shares the longest prefix with its prompt, as llama-server does, steps that row
@@ -58,37 +44,25 @@ import torch
 from .completion import RowResult
 from .errors import ContextLengthError, GemmaliteError, InvalidArgumentError, QueueFullError
 from .grammar import Guide
-from .options import MAX_LOGPROBS, GenerationOptions
-from .runner import PREFILL_CHUNK, choose
+from .options import GenerationOptions
+from .placement import Placement, batch_sizes, compared_prompt, leading_views
 from .sampling import (
     GREEDY,
-    Penalties,
     SamplerState,
     SamplingSettings,
     count_tokens,
-    logprobs,
     penalties,
-    row_view,
     sampler_state,
     sampling_kind,
     seed_key,
     set_penalties,
 )
 from .slots import Request, Slot
-from .vision.inputs import remember
-
-PREFILL_BUDGET = PREFILL_CHUNK  # prompt tokens prefilled between two decode steps while others decode
 
 
-def batch_sizes(parallel: int) -> list[int]:
-    """The batch sizes a decode step may take: powers of two below `parallel`, then `parallel`."""
-    sizes = [1]
-    while sizes[-1] * 2 < parallel:
-        sizes.append(sizes[-1] * 2)
-    return sizes if sizes[-1] == parallel else [*sizes, parallel]
 
 
-class Scheduler:
+class Scheduler(Placement):
     """The slots, the waiting line, and the loop that prefills and decodes them (see the module doc)."""
 
     def __init__(self, engine, *, parallel: int = 4, max_queue: int = 64, defaults: SamplingSettings | None = None):
@@ -111,7 +85,7 @@ class Scheduler:
         # views, made once, so that a compiled step sees the same tensors every time.
         self.sizes = batch_sizes(parallel)
         self._leading = {
-            n: (self.cache.leading_rows(n), _leading(self.sampler, n), _leading(self.penalties, n)) for n in self.sizes
+            n: (self.cache.leading_rows(n), leading_views(self.sampler, n), leading_views(self.penalties, n)) for n in self.sizes
         }
         self.decode_steps: Counter[int] = Counter()  # steps run, by batch size (the server's metrics read it)
         self.guide = Guide(parallel, engine.grammars.words, device)  # per-request json_schema/regex/grammar
@@ -264,7 +238,7 @@ class Scheduler:
         slot = self._choose_slot(request, free)
         self.guide.set(slot.row, grammar[0] if grammar else None)
         if request.reuse:
-            keep = self.cache.reuse(slot.row, _compared(request))  # steps back to the shared part, or empties the row
+            keep = self.cache.reuse(slot.row, compared_prompt(request))  # steps back to the shared part, or empties the row
         else:
             keep = 0
             self.cache.reset(slot.row)
@@ -287,7 +261,7 @@ class Scheduler:
         """How many of the prompt's tokens this slot's cache can serve (as KVCache.reuse would keep)."""
         if not request.reuse:
             return 0
-        keep = min(self.cache.shared_prefix(slot.row, _compared(request)), len(request.prompt) - 1)
+        keep = min(self.cache.shared_prefix(slot.row, compared_prompt(request)), len(request.prompt) - 1)
         return keep if int(self.cache.lengths[slot.row]) - keep <= self.cache.rewindable(slot.row) else 0
 
     def _set_row(self, row: int, settings: SamplingSettings, prompt: list[int]) -> None:
@@ -299,98 +273,6 @@ class Scheduler:
         s.min_p[row] = settings.min_p
         s.keys[row] = seed_key(settings.seed, 0)
         set_penalties(p, row, settings, prompt)
-
-    def _prefill(self) -> None:
-        """Prefill waiting prompts, oldest first, one at a time in the staging cache: all of them when
-        no one is decoding, else up to PREFILL_BUDGET tokens (a long prompt goes on at the next turn).
-        """
-        budget = PREFILL_BUDGET if any(s.decoding for s in self.slots) else None
-        while budget is None or budget > 0:
-            slot = self._filling
-            if slot is None:
-                waiting = [s for s in self.slots if s.request is not None and s.pending]
-                if not waiting:
-                    return
-                slot = min(waiting, key=lambda s: s.admitted)
-            chunk = slot.pending if budget is None else slot.pending[: _whole_images(slot, budget)]
-            if budget is not None:
-                budget -= len(chunk)
-            self._prefill_piece(slot, chunk)
-
-    def _prefill_piece(self, slot: Slot, chunk: list[int]) -> None:
-        """Append `chunk` of the slot's prompt in the staging cache; after the last piece, the first token."""
-        try:
-            if self._filling is None:
-                if int(self.cache.lengths[slot.row]):
-                    self.staging.copy_row(0, self.cache, slot.row)
-                else:
-                    self.staging.reset()
-                self._filling = slot
-            images = None
-            if slot.request.images is not None:
-                start = len(slot.request.prompt) - len(slot.pending)
-                images = [[(s, f) for s, f in slot.request.images.fed(0, start) if s.start < len(chunk)]]
-            with torch.no_grad(), self.runner.lock:
-                logits = self.runner.prefill(self.staging, [chunk], images)
-            slot.pending = slot.pending[len(chunk) :]
-            if slot.pending:
-                return
-            if slot.request.images is not None:
-                remember(self.staging, [_compared(slot.request)])
-            self._place(slot)
-            self._filling = None
-            token, chosen = self._first_token(slot, logits)
-        except Exception as error:
-            self._filling = None
-            self._fail([slot], error)
-            return
-        slot.decoding = True
-        self._emit(slot, token, chosen)
-
-    @torch.no_grad()
-    def _first_token(self, slot: Slot, logits: torch.Tensor):
-        """Pick the first new token from the prompt's last logits [1, vocab], as a call of its own would."""
-        row = slot.row
-        kind = sampling_kind([slot.settings])
-        sampler = None if kind == GREEDY else row_view(self.sampler, row)
-        penalty: Penalties = row_view(self.penalties, row)
-        allowed = self.guide.allowed(row) if row in self.guide.rows else None
-        token = choose(logits, sampler, penalty, self.cache.lengths[row : row + 1], kind, allowed)
-        count_tokens(penalty, token, torch.ones_like(token, dtype=torch.bool))
-        chosen = logprobs(logits, token, MAX_LOGPROBS) if slot.top is not None else None
-        return int(token[0]), None if chosen is None else [t[0].tolist() for t in chosen]
-
-    def _size_for(self, rows: int) -> int:
-        return next(n for n in self.sizes if n >= rows)
-
-    def _place(self, slot: Slot) -> None:
-        """Copy a prefilled prompt from the staging cache into its slot's row, or into a free row
-        below the batch size the decoding rows will need when its own is above it."""
-        size = self._size_for(1 + sum(s.decoding for s in self.slots))
-        free = [s for s in self.slots if s.request is None and s.row < size]
-        if slot.row >= size and free:
-            into = min(free, key=lambda s: s.last_used)
-            self.cache.copy_row(slot.row, self.cache, into.row)  # the free slot's cache moves up
-            self._exchange(slot, into)
-        self.cache.copy_row(slot.row, self.staging, 0)
-
-    def _pack(self, rows: list[Slot]) -> int:
-        """The batch size for a step of these decoding rows, after moving those above the smallest
-        size that could hold them into free rows below it (only while the staging cache is free)."""
-        size = self._size_for(len(rows))
-        if self._filling is None:
-            free = sorted((s for s in self.slots if s.request is None and s.row < size), key=lambda s: s.row)
-            for slot, into in zip([s for s in rows if s.row >= size], free):
-                self.cache.swap_rows(slot.row, into.row, self.staging)
-                self._exchange(slot, into)
-        return self._size_for(1 + max(s.row for s in rows))
-
-    def _exchange(self, a: Slot, b: Slot) -> None:
-        """Swap two slots' rows: their sampling and penalty settings, and their row numbers."""
-        for t in (*self.sampler, *self.penalties):
-            t[[a.row, b.row]] = t[[b.row, a.row]]
-        self.guide.swap(a.row, b.row)
-        a.row, b.row = b.row, a.row
 
     def _decode(self) -> None:
         """One decode step for every row in flight, at the smallest batch size that holds them."""
@@ -475,24 +357,3 @@ class Scheduler:
     def _report(error: BaseException) -> None:
         if not isinstance(error, GemmaliteError):  # a bug, not a bad request: say where
             traceback.print_exception(error, file=sys.stderr)
-
-
-def _leading(state: SamplerState | Penalties, n: int):
-    """The first n rows of a SamplerState or Penalties, as views."""
-    return type(state)(*(t[:n] for t in state))
-
-
-def _compared(request: Request) -> list:
-    """The prompt as prompt reuse compares it: image tokens by their image's content (see vision.inputs)."""
-    return request.prompt if request.images is None else request.images.keyed(0, request.prompt)
-
-
-def _whole_images(slot: Slot, budget: int) -> int:
-    """How many of the slot's pending tokens to prefill now, about `budget`: never part of an image."""
-    if slot.request.images is None:
-        return budget
-    start = len(slot.request.prompt) - len(slot.pending)
-    for span, _ in slot.request.images.fed(0, start):
-        if span.start < budget < span.end:
-            return span.start or span.end  # an image that opens the piece is fed whole
-    return budget

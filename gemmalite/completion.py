@@ -7,9 +7,10 @@ blocks of tokens arrive from the runner, and gives the part that is new as a `Co
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from .errors import InvalidArgumentError
 from .text import TextStream
 
 
@@ -100,3 +101,24 @@ class RowResult:
             logprobs=self.logprobs if self.with_logprobs else None,
             top_logprobs=self.top_logprobs if self.with_logprobs else None,
         )
+
+
+def refuse_option(options: dict, name: str, message: str) -> None:
+    """Raise InvalidArgumentError(message) when the call's `options` set `name`."""
+    if options.get(name) not in (None, (), [], ""):
+        raise InvalidArgumentError(message)
+
+
+def row_logprobs(block, row: int) -> tuple:
+    """One row's (logprobs, top alternatives) of a loop.Block, or (None, None) without logprobs."""
+    return (None, None) if block.logprobs is None else (block.logprobs[row], block.top[row])
+
+
+def texts_of(chunks: Iterator[CompletionChunk]) -> Iterator[str]:
+    """The text pieces of a chunk stream, closing it when the consumer stops."""
+    try:
+        for chunk in chunks:
+            if chunk.text:
+                yield chunk.text
+    finally:
+        chunks.close()

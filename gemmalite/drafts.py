@@ -22,6 +22,12 @@ LOOKUP_NGRAM = 3  # the longest n-gram prompt lookup matches (then shorter ones)
 PREDICTION_NGRAM = 8  # a prediction is matched on longer n-grams: it is long and close to the reply
 
 
+def add_prediction_usage(usage, prediction: Sequence[int] | None, reply: Sequence[int]) -> None:
+    """With prediction=: set usage's counts of predicted tokens the reply has, in order, and has not."""
+    if prediction is not None:
+        usage.accepted_prediction_tokens, usage.rejected_prediction_tokens = prediction_usage(prediction, reply)
+
+
 def prediction_usage(prediction: Sequence[int], reply: Sequence[int]) -> tuple[int, int]:
     """(accepted, rejected) predicted tokens: those that appear in the reply, in order, and the rest."""
     matcher = difflib.SequenceMatcher(None, list(prediction), list(reply), autojunk=False)

@@ -13,17 +13,17 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .cache import KVCache
-from .completion import Completion, CompletionChunk, RowResult
+from .completion import Completion, CompletionChunk, RowResult, refuse_option, row_logprobs, texts_of
 from .config import GemmaConfig
-from .errors import ContextLengthError, InvalidArgumentError
+from .errors import InvalidArgumentError
 from .grammar import Grammars
 from .model import Gemma3
-from .options import GenerationOptions
+from .options import GenerationOptions, check_ids, check_prompts
 from .loop import Block, Stats, Steps, generate
 from .runner import Runner
 from .sampling import SamplingSettings, sampling_kind
 from . import speculative
-from .drafts import prediction_usage
+from .drafts import add_prediction_usage
 from .session import Session
 from .text import TextStream
 from .tokenizer import END_OF_TURN, Tokenizer, chat_prompt
@@ -134,7 +134,7 @@ class Engine:
         try:
             for block in steps:
                 for row, result in enumerate(results):
-                    result.add(block[row], *_row_logprobs(block, row))
+                    result.add(block[row], *row_logprobs(block, row))
                 if all(r.stopped for r in results):
                     break
         finally:
@@ -143,7 +143,7 @@ class Engine:
         done = [r.result(reason) for r, reason in zip(results, stats.finish_reasons)]
         stats.finish_reasons[:] = [c.finish_reason for c in done]
         for row, completion in enumerate(done):
-            _prediction_usage(completion.usage, stats, completion.token_ids, opts)
+            add_prediction_usage(completion.usage, stats.prediction if opts.prediction is not None else None, completion.token_ids)
         return done[0] if single else done
 
     def complete_stream(
@@ -169,8 +169,8 @@ class Engine:
         defaults (generation_config.json), else greedy.
         """
         prompts = self.check_prompts(prompts)
-        _refuse(options, "stop", "generate_ids() returns tokens; stop strings need text: use complete() with a text prompt")
-        _refuse(options, "logprobs", "generate_ids() returns tokens only; use complete() for logprobs")
+        refuse_option(options, "stop", "generate_ids() returns tokens; stop strings need text: use complete() with a text prompt")
+        refuse_option(options, "logprobs", "generate_ids() returns tokens only; use complete() for logprobs")
         return [c.token_ids for c in self.complete(prompts, **options)]
 
     def generate(self, prompt: str | Sequence[str], *, chat: bool = False, system: str | None = None, images=None, **options):
@@ -183,7 +183,7 @@ class Engine:
                 "generate() takes a prompt string or a non-empty list of them, all strings; "
                 "use generate_ids() for token ids"
             )
-        _refuse(options, "logprobs", "generate() returns text only; use complete() for logprobs")
+        refuse_option(options, "logprobs", "generate() returns text only; use complete() for logprobs")
         done = self.complete(prompt if isinstance(prompt, str) else list(prompt), chat=chat, system=system, images=images, **options)
         return done.text if isinstance(prompt, str) else [c.text for c in done]
 
@@ -191,8 +191,8 @@ class Engine:
         """Yield the continuation as text pieces while tokens arrive (never half a UTF-8 character)."""
         if not isinstance(prompt, str):
             raise InvalidArgumentError("stream() takes one prompt string")
-        _refuse(options, "logprobs", "stream() yields text only; use complete_stream() for logprobs")
-        return _texts(self.complete_stream(prompt, chat=chat, system=system, images=images, **options))
+        refuse_option(options, "logprobs", "stream() yields text only; use complete_stream() for logprobs")
+        return texts_of(self.complete_stream(prompt, chat=chat, system=system, images=images, **options))
 
     def warm_up(self, batch_size: int = 1, **options) -> None:
         """Compile now the decode graph that calls of `batch_size` prompts with these options use.
@@ -244,7 +244,9 @@ class Engine:
         compared = prompts if images is None else [images.keyed(row, p) for row, p in enumerate(prompts)]
         if own:
             cache = self.runner.checkout(len(prompts), compared if self.reuse_prompts else None)
-            if cache.kernels not in (None, self._kernels_for(len(prompts), options, grammars, speculation, images)):
+            kind, plain = sampling_kind([options.sampling(self.defaults)]), speculation is None and images is None
+            mine = self.runner.kernels_name(len(prompts), kind, options.logprobs is not None, bool(grammars), plain)
+            if cache.kernels not in (None, mine):
                 cache.reset()  # written by other kernels: bfloat16 bits would differ from a fresh call's
             if self.reuse_prompts:
                 stats.cached_tokens = [cache.reuse(row, p) for row, p in enumerate(compared)]
@@ -269,14 +271,6 @@ class Engine:
             grammars=grammars,
         )
         return Steps(self._returning(steps, cache, None if images is None else compared) if own else steps, stats)
-
-    def _kernels_for(self, batch_size: int, options: GenerationOptions, grammars, speculation, images) -> str:
-        """Which kernels a call will run: "packaged" when the compile cache has its graphs (see loop.generate)."""
-        if speculation is None and images is None:
-            kind = sampling_kind([options.sampling(self.defaults)])
-            if self.runner.kernels(batch_size, kind, options.logprobs is not None, bool(grammars)) is not None:
-                return "packaged"
-        return self.runner.kernel_name
 
     def row_grammars(self, options: GenerationOptions, batch_size: int, chat: bool = False) -> list:
         """One matcher per row for the options' json_schema, regex or grammar (none: an empty list)."""
@@ -319,7 +313,7 @@ class Engine:
     def _chunks(self, steps: Steps, result: RowResult, options: GenerationOptions) -> Iterator[CompletionChunk]:
         try:
             for block in steps:
-                chunk = result.add(block[0], *_row_logprobs(block, 0))
+                chunk = result.add(block[0], *row_logprobs(block, 0))
                 if chunk.text or chunk.token_ids:
                     yield chunk
                 if result.stopped:
@@ -328,7 +322,7 @@ class Engine:
             last = result.last_chunk(stats.finish_reasons[0] if stats.finish_reasons else None)
             if stats.finish_reasons:
                 stats.finish_reasons[0] = last.finish_reason
-            _prediction_usage(last.usage, stats, result.token_ids, options)
+            add_prediction_usage(last.usage, stats.prediction if options.prediction is not None else None, result.token_ids)
             yield last
         finally:
             steps.close()
@@ -399,53 +393,7 @@ class Engine:
 
     # -------------------------------------------------------------- checking input
     def check_prompts(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
-            raise InvalidArgumentError("prompts must be a non-empty list of token-id lists")
-        checked = []
-        for row, prompt in enumerate(prompts):
-            if isinstance(prompt, torch.Tensor):
-                prompt = prompt.tolist()
-            if isinstance(prompt, str) or not isinstance(prompt, Sequence):
-                raise InvalidArgumentError(
-                    f"prompt {row} is {type(prompt).__name__}; a batch must be all strings (generate) or all id lists (generate_ids)"
-                )
-            if not prompt:
-                raise InvalidArgumentError(f"prompt {row} is empty; give at least one token (e.g. <bos>)")
-            self.check_ids(prompt)
-            if len(prompt) >= self.max_seq_len:
-                raise ContextLengthError(
-                    f"prompt {row} has {len(prompt)} tokens, but max_seq_len is {self.max_seq_len}; "
-                    "shorten it or load with a larger max_seq_len"
-                )
-            checked.append([int(i) for i in prompt])
-        return checked
+        return check_prompts(prompts, self.config.vocab_size, self.max_seq_len)
 
     def check_ids(self, ids) -> None:
-        vocab = self.config.vocab_size
-        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
-        if bad:
-            raise InvalidArgumentError(f"token ids must be integers in [0, {vocab}); got {bad[:5]}")
-
-
-def _refuse(options: dict, name: str, message: str) -> None:
-    if options.get(name) not in (None, (), [], ""):
-        raise InvalidArgumentError(message)
-
-
-def _prediction_usage(usage, stats: Stats, tokens: list[int], options: GenerationOptions) -> None:
-    """With prediction=: how many predicted tokens the reply has, in order, and how many it has not."""
-    if options.prediction is not None and stats.prediction is not None:
-        usage.accepted_prediction_tokens, usage.rejected_prediction_tokens = prediction_usage(stats.prediction, tokens)
-
-
-def _row_logprobs(block: Block, row: int) -> tuple:
-    return (None, None) if block.logprobs is None else (block.logprobs[row], block.top[row])
-
-
-def _texts(chunks: Iterator[CompletionChunk]) -> Iterator[str]:
-    try:
-        for chunk in chunks:
-            if chunk.text:
-                yield chunk.text
-    finally:
-        chunks.close()
+        check_ids(ids, self.config.vocab_size)

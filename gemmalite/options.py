@@ -8,9 +8,12 @@ greedy: see `GenerationOptions.sampling`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-from .errors import InvalidArgumentError
+import torch
+
+from .errors import ContextLengthError, InvalidArgumentError
 from .grammar import Constraint, constraint_from, schema_text
 from .sampling import SamplingSettings
 
@@ -125,3 +128,34 @@ def parse_stops(stop) -> tuple[str, ...]:
     if stops is None or not all(isinstance(s, str) and s for s in stops):
         raise InvalidArgumentError("stop must be a non-empty string or a list of them")
     return stops
+
+
+# ------------------------------------------------------------------ prompts
+def check_prompts(prompts, vocab_size: int, max_seq_len: int) -> list[list[int]]:
+    """A batch of token-id prompts as lists of ints, or a clear error."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise InvalidArgumentError("prompts must be a non-empty list of token-id lists")
+    checked = []
+    for row, prompt in enumerate(prompts):
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if isinstance(prompt, str) or not isinstance(prompt, Sequence):
+            raise InvalidArgumentError(
+                f"prompt {row} is {type(prompt).__name__}; a batch must be all strings (generate) or all id lists (generate_ids)"
+            )
+        if not prompt:
+            raise InvalidArgumentError(f"prompt {row} is empty; give at least one token (e.g. <bos>)")
+        check_ids(prompt, vocab_size)
+        if len(prompt) >= max_seq_len:
+            raise ContextLengthError(
+                f"prompt {row} has {len(prompt)} tokens, but max_seq_len is {max_seq_len}; "
+                "shorten it or load with a larger max_seq_len"
+            )
+        checked.append([int(i) for i in prompt])
+    return checked
+
+
+def check_ids(ids, vocab_size: int) -> None:
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size]
+    if bad:
+        raise InvalidArgumentError(f"token ids must be integers in [0, {vocab_size}); got {bad[:5]}")

@@ -203,9 +203,27 @@ class Packages:
         self.missing: dict[Graph, float] = {}  # graph -> when it was last looked for
         self.wanted: set[Graph] = set()
         self._names: dict[Graph, str] = {}
+        self.inputs: list[torch.Tensor] | None = None  # the model's tensors, as packages take them
+        self.spanners: dict[int, torch.Tensor] = {}  # an empty tensor per span: its shape is the span
         # Told of a cache entry that could not be read (it is then deleted and built again).
         self.on_notice: Callable[[str], None] = lambda text: print(f"gemmalite: {text}", file=sys.stderr)
         self._atexit = False
+
+    def kernels(self, batch_size: int, kind: str, with_logprobs: bool, masked: bool) -> "Kernels | None":
+        """A call's packaged prefill and decode step, when both are here (see Runner.kernels)."""
+        prefill = self.get(Graph("prefill", batch_size))
+        decode = self.get(Graph("decode", batch_size, kind, with_logprobs, masked))
+        if prefill is None or decode is None:
+            return None
+        if self.inputs is None:
+            self.inputs = model_inputs(self.runner.model)[1]
+        return Kernels(self, prefill, decode)
+
+    def run(self, package: Callable, cache, args: tuple, span: int):
+        """Call a package on the model's tensors and the cache's; the span reaches it as a shape."""
+        if span not in self.spanners:
+            self.spanners[span] = torch.empty(span, device=self.runner.device)
+        return package(self.inputs, cache_tensors(cache), args, self.spanners[span])
 
     def name(self, graph: Graph) -> str:
         if graph not in self._names:
@@ -282,3 +300,19 @@ class Packages:
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             env={**os.environ, "GEMMALITE_COMPILE_CACHE": str(self.root)},
         )  # fmt: skip
+
+
+class Kernels:
+    """A call's packaged prefill and decode step (see Runner.kernels)."""
+
+    name = "packaged"
+
+    def __init__(self, packages: Packages, prefill: Callable, decode: Callable):
+        self.packages, self._prefill, self._decode = packages, prefill, decode
+
+    def prefill(self, cache, args: tuple, span: int) -> torch.Tensor:
+        return self.packages.run(self._prefill, cache, args, span)
+
+    def decode(self, cache, args: tuple, span: int):
+        tokens, active, chosen = self.packages.run(self._decode, cache, args, span)
+        return tokens, active, None if chosen is None else tuple(chosen)

@@ -31,7 +31,7 @@ from .errors import InvalidArgumentError
 from .grammar import mask_logits
 from .model import Gemma3
 from .options import MAX_LOGPROBS
-from .packages import Graph, Packages, cache_dir, cache_tensors, flat_args, model_inputs
+from .packages import Graph, Kernels, Packages, cache_dir, flat_args
 from .sampling import Penalties, SamplerState, apply_penalties, greedy, logprobs, sample
 
 PREFILL_CHUNK = 512
@@ -151,8 +151,6 @@ class Runner:
         model.setup_rope(max_seq_len)
         # compile="cached": prefill and decode from the machine's compile cache (packages.py).
         self.packages = Packages(self, cache_dir(), recipe=None) if compile == "cached" else None
-        self._inputs: list[torch.Tensor] | None = None  # the model's tensors, as packages take them
-        self._spanners: dict[int, torch.Tensor] = {}
         # One function per mode (decode with a kind of sampling, logprobs or not; prefill), each
         # compiled on first use: a mode's graphs then differ only by shape (batch, chunk bucket).
         self._graphs: dict[tuple, tuple] = {}
@@ -214,20 +212,14 @@ class Runner:
     def kernels(self, batch_size: int, kind: str, with_logprobs: bool, masked: bool) -> "Kernels | None":
         """The packaged prefill and decode step for a call of this shape, when the compile cache
         holds both (compile="cached"); None: the call runs eagerly (and the missing ones are wanted)."""
-        if self.packages is None:
-            return None
-        prefill = self.packages.get(Graph("prefill", batch_size))
-        decode = self.packages.get(Graph("decode", batch_size, kind, with_logprobs, masked))
-        if prefill is None or decode is None:
-            return None
-        if self._inputs is None:
-            self._inputs = model_inputs(self.model)[1]
-        return Kernels(prefill, decode)
+        return None if self.packages is None else self.packages.kernels(batch_size, kind, with_logprobs, masked)
 
-    def _packaged(self, fn, cache: KVCache, args: tuple, span: int):
-        if span not in self._spanners:  # the span reaches the package as a shape, never as data
-            self._spanners[span] = torch.empty(span, device=self.device)
-        return fn(self._inputs, cache_tensors(cache), args, self._spanners[span])
+    def kernels_name(self, batch_size: int, kind: str, with_logprobs: bool, masked: bool, plain: bool) -> str:
+        """Which kernels a call of this shape runs: "packaged" when `kernels` has them (and the call
+        is one a package can run: no speculation, no images), else this runner's own."""
+        if plain and self.kernels(batch_size, kind, with_logprobs, masked) is not None:
+            return "packaged"
+        return self.kernel_name
 
     @property
     def kernel_name(self) -> str:
@@ -330,7 +322,7 @@ class Runner:
             seen = [[(span, f) for span, f in row if start <= span.start < end] for row, (start, end) in zip(images, cuts)]
             extra = () if not any(seen) else self._image_inputs(chunk, seen, cuts, held)
             if kernels is not None:
-                logits = self._packaged(kernels.prefill, cache, (chunk, n_new), key[1])
+                logits = kernels.prefill(cache, (chunk, n_new), key[1])
             else:
                 chunk_fn = self._compiled(key, prefill_chunk)
                 logits = self._call(key, chunk.shape, chunk_fn, self.model, cache, chunk, n_new, key[1], *extra)
@@ -363,7 +355,7 @@ class Runner:
             cache.high = min(cache.high + 1, cache.max_seq_len)
             cache.kernels = kernels.name
             args = flat_args(Graph("decode", 1), (tokens, active, sampler, penalties, eos_ids, allowed))
-            return kernels.decode_outputs(self._packaged(kernels.decode, cache, args, cache.span(cache.high)))
+            return kernels.decode(cache, args, cache.span(cache.high))
         if self.device.type == "cuda" and self.compiled:
             torch.compiler.cudagraph_mark_step_begin()
         cache.high = min(cache.high + 1, cache.max_seq_len)
@@ -403,16 +395,3 @@ class Runner:
         padded[: len(eos_ids)] = torch.tensor(list(eos_ids)[:EOS_SLOTS], dtype=torch.long)
         return padded.to(self.device)
 
-
-class Kernels:
-    """A call's packaged prefill and decode step (see Runner.kernels)."""
-
-    name = "packaged"
-
-    def __init__(self, prefill, decode):
-        self.prefill, self.decode = prefill, decode
-
-    @staticmethod
-    def decode_outputs(out):
-        tokens, active, chosen = out
-        return tokens, active, None if chosen is None else tuple(chosen)
