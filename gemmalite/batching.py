@@ -329,9 +329,10 @@ class Scheduler(Placement):
             reason = "stop"
         elif slot.produced >= slot.budget:
             reason = "length"
-        if reason is not None:
-            self._send(request, slot.result.last_chunk(reason))
+        if reason is not None:  # the slot is free before the request hears it is done (status, metrics)
+            last = slot.result.last_chunk(reason)
             self._release(slot)
+            self._send(request, last)
 
     def _release(self, slot: Slot) -> None:
         self.guide.set(slot.row, None)
