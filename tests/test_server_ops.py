@@ -156,6 +156,14 @@ def test_an_empty_key_is_refused_rather_than_taken_for_no_key(capsys, monkeypatc
         assert err.startswith("gemmalite: error: ") and "empty" in err and len(err.splitlines()) == 1
 
 
+def test_an_image_directory_that_does_not_exist_is_refused_before_loading(capsys, tiny, tmp_path):
+    from gemmalite import cli
+
+    assert cli.main(["serve", "--model", str(tiny[0]), "--port", "0", "--image-dir", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gemmalite: error: --image-dir") and "no such directory" in err and len(err.splitlines()) == 1
+
+
 # ------------------------------------------------------------------ metrics, tokenize, limits
 def test_the_metrics_counters_move_with_requests(server):
     before = server.metrics()

@@ -451,14 +451,55 @@ def test_the_server_answers_an_image_message(vlm, engine, client):
 
 @pytest.mark.parametrize(
     "url,word",
-    [("https://example.com/cat.png", "not fetched"), ("data:image/png;base64,@@@", "not valid base64"),
-     ("data:image/png;base64,aGVsbG8=", "not an image"), ("file:///etc/passwd", "only base64 data: URLs")],
+    [("https://example.com/cat.png", "--allow-image-urls"), ("data:image/png;base64,@@@", "not valid base64"),
+     ("data:image/png;base64,aGVsbG8=", "not an image"), ("file:///etc/passwd", "--image-dir"), ("ftp://host/a.png", "data: URL")],
 )  # fmt: skip
 def test_the_server_refuses_bad_images_with_400(client, url, word):
     _, http = client
     content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Hi"}]
     answer = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}], "max_tokens": 2})
     assert answer.status_code == 400 and word in answer.json()["error"]["message"]
+
+
+def test_the_server_reads_http_and_file_images_where_the_operator_allows(client, tmp_path):
+    """With --allow-image-urls and --image-dir, an image sent by URL or path gets the answer the same
+    image gets inline; a file outside the directory is refused."""
+    import functools
+    import http.server
+    import threading
+
+    from starlette.testclient import TestClient
+
+    from gemmalite.serve.app import create_app
+    from gemmalite.serve.media import ImageSources
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    _, inline = client
+    api = inline.app.state.api
+    picture(21).save(tmp_path / "cat.png")
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    app = create_app(api.engine, api.scheduler, model="tiny", image_sources=ImageSources(allow_urls=True, directory=tmp_path))
+
+    def reply(http, url):
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": 4, "temperature": 0}
+        return http.post("/v1/chat/completions", json=body)
+
+    try:
+        with TestClient(app) as opened:
+            expected = reply(inline, data_url(picture(21))).json()["choices"][0]["message"]["content"]
+            fetched = reply(opened, f"http://127.0.0.1:{site.server_address[1]}/cat.png")
+            read = reply(opened, f"file://{tmp_path}/cat.png")
+            assert fetched.json()["choices"][0]["message"]["content"] == expected
+            assert read.json()["choices"][0]["message"]["content"] == expected
+            outside = reply(opened, f"file://{tmp_path}/../cat.png")
+            assert outside.status_code == 400 and "outside" in outside.json()["error"]["message"]
+    finally:
+        site.shutdown()
 
 
 @pytest.mark.slow

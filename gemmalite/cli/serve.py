@@ -2,7 +2,8 @@
 
     gemmalite serve [--model SRC] [--host 127.0.0.1] [--port 8000] [--parallel N] [--queue N]
                     [--api-key KEY] [--timeout S] [--shutdown-timeout S] [--cors-origin ORIGIN]
-                    [--log-format text|json] [model options] [generation options]
+                    [--log-format text|json] [--allow-image-urls] [--image-dir DIR]
+                    [model options] [generation options]
 
 It listens at once (answering 503 while the model loads), loads the model, prints the URL on
 stderr and serves until SIGTERM or Ctrl-C. Then it drains: new generations get 503, running ones
@@ -20,8 +21,10 @@ import os
 import socket
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 from ..errors import InvalidArgumentError, MissingExtraError
+from ..serve.media import FETCH_TIMEOUT_S, MAX_IMAGE_BYTES
 from .console import EXIT_OK, PROG, info, note
 from .defaults import FROM_CHECKPOINT, NAMES, describe
 from .options import add_generation_args, add_model_args, add_quiet_arg, check_model_args, count, generation_options, load_engine
@@ -49,6 +52,25 @@ def seconds(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
     return value
+
+
+def megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of megabytes, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0 MB, got {text}")
+    return value
+
+
+def image_sources(args):
+    """The server's ImageSources from its flags; the directory must exist."""
+    from ..serve.media import ImageSources
+
+    if args.image_dir is not None and not args.image_dir.is_dir():
+        raise InvalidArgumentError(f"--image-dir {args.image_dir}: no such directory")
+    return ImageSources(args.allow_image_urls, args.image_dir, int(args.image_max_mb * 1e6), args.image_fetch_timeout)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +102,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--log-format", choices=("text", "json"), default="text",
         help="one line per request on stderr, as text or JSON lines (default: text; -q: none)",
     )  # fmt: skip
+    images = parser.add_argument_group("images", "Where image_url parts may come from; data: URLs always work.")
+    images.add_argument(
+        "--allow-image-urls", action="store_true",
+        help="fetch http(s) image URLs that requests send (default: refused, so the server makes no outgoing requests)",
+    )  # fmt: skip
+    images.add_argument(
+        "--image-dir", metavar="DIR", type=Path,
+        help="read file:// image URLs, but only of files under DIR (default: refused)",
+    )  # fmt: skip
+    images.add_argument(
+        "--image-max-mb", type=megabytes, default=MAX_IMAGE_BYTES / 1e6, metavar="MB",
+        help=f"largest image accepted, from any source (default: {MAX_IMAGE_BYTES / 1e6:g})",
+    )  # fmt: skip
+    images.add_argument(
+        "--image-fetch-timeout", type=seconds, default=FETCH_TIMEOUT_S, metavar="S",
+        help=f"longest a fetched image may take to arrive, in all (default: {FETCH_TIMEOUT_S:g})",
+    )  # fmt: skip
     add_model_args(parser)
     add_generation_args(parser)
     # The shared flags, with what they mean here: defaults for the fields a request leaves out.
@@ -110,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise InvalidArgumentError(f"--port must be in [0, 65535], got {args.port}")
     key = api_key(args)
+    sources = image_sources(args)
     if defaults.speculative not in (None, "off") or defaults.num_draft_tokens is not None or args.draft is not None:
         # Said once, at start: requests still get exactly the tokens they would get with speculation.
         note(f"{PROG}: the server decodes plainly: speculative decoding (--lookup, --draft, --draft-tokens) runs in "
@@ -118,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         args.draft = None
     sock = listen(args.host, args.port)  # before loading: a port in use fails at once
     try:
-        return serve(args, uvicorn, sock, defaults, key)
+        return serve(args, uvicorn, sock, defaults, key, sources)
     finally:
         sock.close()
 
@@ -135,12 +175,12 @@ def api_key(args) -> str | None:
     return key
 
 
-def serve(args, uvicorn, sock: socket.socket, defaults, key: str | None) -> int:
+def serve(args, uvicorn, sock: socket.socket, defaults, key: str | None, sources) -> int:
     from ..serve.app import create_app
 
     app = create_app(
         model=args.model or "google/gemma-3-270m", defaults=defaults, api_key=key, cors_origins=tuple(args.cors_origin),
-        timeout=args.timeout, log_format=None if args.quiet else args.log_format,
+        timeout=args.timeout, log_format=None if args.quiet else args.log_format, image_sources=sources,
     )  # fmt: skip
     config = uvicorn.Config(
         app, log_level="error" if args.quiet else "warning", access_log=False, lifespan="off",
@@ -156,6 +196,9 @@ def serve(args, uvicorn, sock: socket.socket, defaults, key: str | None) -> int:
             scheduler = start_scheduler(args, defaults)
             server.scheduler = scheduler
             app.state.api.ready(scheduler.engine, scheduler)
+            if args.allow_image_urls or args.image_dir is not None:
+                sources = sources.describe() if scheduler.engine.vision else "none: this model is text-only"
+                info(args, f"images: {sources}")
             # Shown with --quiet too: it is what the user started the command for.
             secured = "; a key is required" if key else ""
             note(f"{PROG}: serving {args.model or 'the default model'} at {url}/v1 ({args.parallel} slots{secured}); Ctrl-C stops")

@@ -39,6 +39,7 @@ from ..slots import Request
 from ..vision.inputs import prepare as prepare_images
 from . import protocol
 from .auth import RequireKey
+from .media import ImageSources
 from .answers import Answer
 from .protocol import APIError, Job
 from .requestlog import STATE_KEY, RequestLog, RequestRecord
@@ -62,14 +63,17 @@ def create_app(
     keepalive_s: float = KEEPALIVE_S,
     log_format: str | None = "text",
     log_stream=None,
+    image_sources: ImageSources | None = None,
 ) -> Starlette:
     """The OpenAI-compatible app. `defaults`: options for fields a request leaves out (the server's flags).
 
     Without `engine` the app starts "loading": hand it the engine and scheduler later with
     `app.state.api.ready(engine, scheduler)`. `api_key`: required on every route but /health.
     `timeout`: seconds a generation may take in all. `log_format`: "text", "json" or None (no log).
+    `image_sources`: where image_url parts may come from besides data: URLs (see media.py).
     """
     api = API(model, defaults or GenerationOptions(), timeout=timeout, keepalive_s=keepalive_s)
+    api.image_sources = image_sources or protocol.DATA_ONLY
     if engine is not None:
         api.ready(engine, scheduler)
     routes = [
@@ -128,6 +132,7 @@ class API:
         self.model_name, self.defaults, self.timeout, self.keepalive_s = model, defaults, timeout, keepalive_s
         self.created = int(time.time())
         self.state = "loading"
+        self.image_sources = protocol.DATA_ONLY
         self.metrics = Metrics(model)
 
     def ready(self, engine, scheduler: Scheduler) -> None:
@@ -152,7 +157,7 @@ class API:
 
     # ------------------------------------------------------------------ endpoints
     async def chat_completions(self, request: HTTPRequest) -> Response:
-        return await self._generate(request, protocol.parse_chat)
+        return await self._generate(request, functools.partial(protocol.parse_chat, sources=self.image_sources))
 
     async def completions(self, request: HTTPRequest) -> Response:
         return await self._generate(request, protocol.parse_completion)
@@ -215,8 +220,8 @@ class API:
             return refused
         try:
             body = protocol.parse_json(await read_body(request))
-            # In a thread: tokenizing, and compiling a schema (the first one builds the grammar
-            # library's vocabulary, seconds for Gemma's), would hold up every other request.
+            # In a thread: tokenizing, fetching images, and compiling a schema (the first one builds
+            # the grammar library's vocabulary, seconds for Gemma's), would hold up every other request.
             job: Job = await asyncio.to_thread(parse, body, self.engine, self.defaults)
         except APIError as e:
             return error_response(e)

@@ -10,8 +10,6 @@ Field names and shapes follow the OpenAI API; the extensions are vLLM's and llam
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import math
 import re
@@ -21,6 +19,7 @@ from ..errors import GemmaliteError, InvalidArgumentError, MissingExtraError
 from ..options import MAX_LOGPROBS, GenerationOptions
 from ..tokenizer import chat_messages_prompt
 from ..vision.prompt import MARKER
+from .media import ImageSourceError, ImageSources
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 UNSUPPORTED = (  # fields whose use would change the answer; refused rather than ignored
@@ -75,9 +74,12 @@ def parse_json(raw: bytes) -> dict:
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a number JSON allows")
 
+DATA_ONLY = ImageSources()  # what a server allows unless its operator says more
+
 
 # ---------------------------------------------------------------------- requests
-def parse_chat(body: dict, engine, defaults: GenerationOptions) -> Job:
+def parse_chat(body: dict, engine, defaults: GenerationOptions, sources: ImageSources = DATA_ONLY) -> Job:
+    """A chat request, its image_url parts read from where `sources` allows."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
@@ -88,7 +90,14 @@ def parse_chat(body: dict, engine, defaults: GenerationOptions) -> Job:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     prompt = _check_length(engine, engine.encode(text, images=len(images) if images else None), "messages")
     job = _job(body, engine, defaults, prompt, chat=True, logprobs=(top or 0) if logprobs else None)
-    return replace(job, images=images)
+    return replace(job, images=tuple(_read_image(sources, url, i) for i, url in enumerate(images)))
+
+
+def _read_image(sources: ImageSources, url: str, index: int) -> bytes:
+    try:
+        return sources.read(url)
+    except ImageSourceError as e:
+        raise APIError(400, f"image {index + 1}: {e}", param="messages") from None
 
 
 def parse_completion(body: dict, engine, defaults: GenerationOptions) -> Job:
@@ -113,8 +122,8 @@ def parse_completion(body: dict, engine, defaults: GenerationOptions) -> Job:
     return _job(body, engine, defaults, _check_length(engine, ids, "prompt"), chat=False, logprobs=logprobs)
 
 
-def _conversation(messages: list, engine) -> tuple[str, tuple[bytes, ...]]:
-    """A chat request's messages as Gemma's prompt text, and the images of their parts, in order."""
+def _conversation(messages: list, engine) -> tuple[str, tuple[str, ...]]:
+    """A chat request's messages as Gemma's prompt text, and the URLs of their images, in order."""
     parsed = [_message(m, i) for i, m in enumerate(messages)]
     images = tuple(image for _, _, found in parsed for image in found)
     if images and not engine.vision:
@@ -125,7 +134,7 @@ def _conversation(messages: list, engine) -> tuple[str, tuple[bytes, ...]]:
         raise APIError(400, str(e), param="messages") from None
 
 
-def _message(message, index: int) -> tuple[str, str, list[bytes]]:
+def _message(message, index: int) -> tuple[str, str, list[str]]:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise APIError(400, f"{where} must be an object with role and content", param=where)
@@ -144,7 +153,7 @@ def _message(message, index: int) -> tuple[str, str, list[bytes]]:
             if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"].strip())
             elif isinstance(part, dict) and part.get("type") == "image_url":
-                images.append(_image_bytes(part.get("image_url"), f"{where}.content[{j}].image_url", f"{where}.content"))
+                images.append(_image_url(part.get("image_url"), f"{where}.content[{j}].image_url"))
                 texts.append(MARKER)
             else:
                 raise APIError(
@@ -156,26 +165,12 @@ def _message(message, index: int) -> tuple[str, str, list[bytes]]:
     return ROLES[role], content, images
 
 
-DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)$", re.S)
-
-
-def _image_bytes(image_url, where: str, param: str) -> bytes:
-    """The bytes of an image_url part: a data: URL with base64 content (nothing is fetched)."""
+def _image_url(image_url, where: str) -> str:
+    """The URL of an image_url part (read later, by the server's ImageSources)."""
     url = image_url.get("url") if isinstance(image_url, dict) else image_url
     if not isinstance(url, str):
-        raise APIError(400, f"{where} must be {{url: ...}} with a data: URL", param=param)
-    if url.startswith(("http://", "https://")):
-        raise APIError(
-            400, "image URLs are not fetched (the server makes no outgoing requests); send the image inline "
-            "as a data: URL, e.g. data:image/png;base64,...", param=param
-        )
-    match = DATA_URL.match(url)
-    if match is None:
-        raise APIError(400, f"{where}: only base64 data: URLs are accepted (data:image/png;base64,...)", param=param)
-    try:
-        return base64.b64decode(match["data"], validate=True)
-    except (binascii.Error, ValueError):
-        raise APIError(400, f"{where}: the data: URL is not valid base64", param=param) from None
+        raise APIError(400, f"{where} must be {{url: ...}}, e.g. a data:image/png;base64,... URL", param=where)
+    return url
 
 
 def _job(body: dict, engine, defaults: GenerationOptions, prompt: list[int], *, chat: bool, logprobs: int | None) -> Job:
