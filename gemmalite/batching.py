@@ -6,8 +6,9 @@ its own. Each turn of the loop:
 1. admit: waiting requests take free slots, first come first served;
 2. prefill: new prompts, oldest first (all of them when no one is decoding, else at most
    PREFILL_BUDGET tokens, so the others wait one chunk at most);
-3. decode: one step for the rows in flight, sized to them (see placement.py);
-4. hand each request its new token, and free the slots that finished or were cancelled.
+3. decode: one step for the rows in flight, sized to them (see placement.py), or one
+   verification of their drafts when requests speculate (see batch_drafts.py);
+4. hand each request its new tokens, and free the slots that finished or were cancelled.
 
 Prompt reuse. A slot keeps its cache when its request ends. A new request takes the free slot
 whose transcript shares the longest prefix with its prompt, as llama-server does, steps that row
@@ -41,6 +42,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .batch_drafts import BatchDrafts, DraftCounts, RowSpeculation
 from .completion import RowResult
 from .errors import ContextLengthError, GemmaliteError, InvalidArgumentError, QueueFullError
 from .grammar import Guide
@@ -62,7 +64,7 @@ from .slots import Request, Slot
 
 
 
-class Scheduler(Placement):
+class Scheduler(Placement, BatchDrafts):
     """The slots, the waiting line, and the loop that prefills and decodes them (see the module doc)."""
 
     def __init__(self, engine, *, parallel: int = 4, max_queue: int = 64, defaults: SamplingSettings | None = None):
@@ -88,6 +90,7 @@ class Scheduler(Placement):
             n: (self.cache.leading_rows(n), leading_views(self.sampler, n), leading_views(self.penalties, n)) for n in self.sizes
         }
         self.decode_steps: Counter[int] = Counter()  # steps run, by batch size (the server's metrics read it)
+        self.draft_counts = DraftCounts()  # speculative rounds (batch_drafts.py)
         self.guide = Guide(parallel, engine.grammars.words, device)  # per-request json_schema/regex/grammar
         self._waiting: deque[Request] = deque()
         self._filling: Slot | None = None  # the slot whose prompt is in the staging cache
@@ -235,6 +238,7 @@ class Scheduler(Placement):
             self._send(request, result.last_chunk("length"))
             return
         grammar = engine.row_grammars(options, 1, request.chat)  # compiled (or refused) before the slot is touched
+        speculation = RowSpeculation.of(engine, options)
         slot = self._choose_slot(request, free)
         self.guide.set(slot.row, grammar[0] if grammar else None)
         if request.reuse:
@@ -246,6 +250,7 @@ class Scheduler(Placement):
         result.cached_tokens = keep
         stop_ids = frozenset(engine.stop_ids(options.ignore_eos, request.chat))
         slot.start(request, settings, budget, stop_ids, result, keep, next(self._clock))
+        slot.speculation = speculation
 
     def _choose_slot(self, request: Request, free: list[Slot]) -> Slot:
         """The free slot with the longest usable prefix, when it is most of what that slot holds (so
@@ -293,21 +298,27 @@ class Scheduler(Placement):
             with_logprobs = any(s.top is not None for s in rows)
             cache.high = self.cache.high
             guided = any(s.row in self.guide.rows for s in rows)
+            drafts = self._drafts(rows, size)
             with torch.no_grad(), self.runner.lock:
-                allowed = self.guide.allowed()[:size] if guided else None
-                step = self.runner.step(cache, tokens, active, sampler, penalties, self.eos, kind, with_logprobs, allowed)
-                tokens, _, chosen = step
-                count_tokens(penalties, tokens, active)
-            self.cache.high = cache.high
-            self.decode_steps[size] += 1
-            tokens = tokens.tolist()  # the one host sync of a step
-            chosen = None if chosen is None else [t.tolist() for t in chosen]
+                if drafts is not None:  # a verification forward (batch_drafts.py)
+                    emitted, chosen = self._verify(rows, size, cache, tokens, active, drafts, sampler, penalties, kind, with_logprobs)
+                else:
+                    allowed = self.guide.allowed()[:size] if guided else None
+                    step = self.runner.step(cache, tokens, active, sampler, penalties, self.eos, kind, with_logprobs, allowed)
+                    tokens, _, chosen = step
+                    count_tokens(penalties, tokens, active)
+            if drafts is None:
+                self.cache.high = cache.high
+                self.decode_steps[size] += 1
+                emitted = [[t] for t in tokens.tolist()]  # the one host sync of a step
+                if chosen is not None:  # per row, its one token's [logprob, top values, top ids]
+                    chosen = [t.tolist() for t in chosen]
+                    chosen = [[[c[row] for c in chosen]] for row in range(size)]
         except Exception as error:
             self._fail(rows, error)
             return
         for s in rows:
-            self.cache.tokens[s.row].append(s.last)  # fed by this step (prefill keeps the books itself)
-            self._emit(s, tokens[s.row], None if chosen is None else [c[s.row] for c in chosen])
+            self._emit_run(s, emitted[s.row], None if chosen is None else chosen[s.row])
 
     def _emit(self, slot: Slot, token: int, chosen) -> None:
         """Hand a request its new token; end it at a stop token, a stop string, a complete value

@@ -46,6 +46,7 @@ class Slot:
         self.pending: list[int] = []  # prompt tokens still to prefill
         self.decoding = False
         self.admitted = 0
+        self.speculation = None  # a batch_drafts.RowSpeculation when the request drafts
 
     def start(self, request: Request, settings, budget: int, stop_ids, result: RowResult, kept: int, admitted: int):
         self.request, self.settings, self.budget, self.stop_ids, self.result = request, settings, budget, stop_ids, result

@@ -150,11 +150,11 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"--port must be in [0, 65535], got {args.port}")
     key = api_key(args)
     sources = image_sources(args)
-    if defaults.speculative not in (None, "off") or defaults.num_draft_tokens is not None or args.draft is not None:
-        # Said once, at start: requests still get exactly the tokens they would get with speculation.
-        note(f"{PROG}: the server decodes plainly: speculative decoding (--lookup, --draft, --draft-tokens) runs in "
-             "the CLI and the Python API, not yet in the batched server; the flags are ignored here")  # fmt: skip
-        defaults = replace(defaults, speculative=None, num_draft_tokens=None)
+    if args.draft is not None or defaults.speculative == "draft":
+        # Said once, at start: requests still get exactly the tokens they would get with a draft.
+        note(f"{PROG}: the server drafts by prompt lookup (--lookup) and with a request's prediction; a draft "
+             "model (--draft) runs in the CLI and the Python API only, so it is not loaded here")  # fmt: skip
+        defaults = replace(defaults, speculative=None if defaults.speculative == "draft" else defaults.speculative)
         args.draft = None
     sock = listen(args.host, args.port)  # before loading: a port in use fails at once
     try:

@@ -33,6 +33,12 @@ class Metrics:
         gauge("kv_cache_usage_perc", "Part of the KV cache's token capacity held by requests in flight (0 to 1).",
               lambda s: s.cache_usage())  # fmt: skip
         gauge("num_slots", "Slots: requests decoded together (--parallel).", lambda s: s.parallel)
+        for name, doc, read in (
+            ("spec_decode_num_drafts", "Speculative verification forwards run.", lambda c: c.rounds),
+            ("spec_decode_num_draft_tokens", "Tokens drafted (prompt lookup, predictions).", lambda c: c.drafted),
+            ("spec_decode_num_accepted_tokens", "Drafted tokens accepted.", lambda c: c.accepted),
+        ):
+            r.register(SchedulerCount(self, name, doc, read))
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of finished requests.", labels, registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", labels, registry=r)
         self.cache_hits = Counter(PREFIX + "prefix_cache_hit_tokens", "Prompt tokens served from a slot's cache.", labels, registry=r)  # fmt: skip
@@ -60,6 +66,22 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class SchedulerCount:
+    """A counter the scheduler keeps (its speculative rounds), read when scraped."""
+
+    def __init__(self, metrics: Metrics, name: str, doc: str, read):
+        self.metrics, self.name, self.doc, self.read = metrics, PREFIX + name, doc, read
+
+    def describe(self):
+        return [CounterMetricFamily(self.name, self.doc, labels=["model_name"])]
+
+    def collect(self):
+        family = self.describe()[0]
+        scheduler = self.metrics.scheduler
+        family.add_metric([self.metrics.model], self.read(scheduler.draft_counts) if scheduler is not None else 0)
+        yield family
 
 
 class DecodeSteps:

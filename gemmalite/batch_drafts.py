@@ -1,0 +1,121 @@
+"""Speculative decoding in the scheduler: prompt lookup and predictions, per request.
+
+A request whose options ask for speculation (the server's `--lookup`, or a request's
+`prediction`) gets a draft at each step, from its own transcript: prompt lookup, or its
+predicted text followed from where its reply last matched. When any row of the step has a
+draft, the step is one verification forward of [last token, drafts] for every busy row
+(speculative.verify; a row without drafts feeds its last token alone, as in a decode step), and
+each row keeps its drafts up to the first one its own choice disagrees with. Each request still
+gets exactly the tokens it would get decoding plainly and alone: every token emitted is the
+target's own choice at that position, with the request's own noise and penalty counts. Rows
+accept different counts; the rejected drafts are rewound row by row, and so are accepted tokens
+fed past a request's end (a stop token or string, or its budget, inside an accepted run).
+
+What stays plain: a step with a grammar-constrained row (the mask is a decode step's), and
+draft models (their caches would have to follow every slot's prompt reuse and row moves; the CLI
+and the Python API run them). `Budget` (speculative.py) drafts less, and for a while nothing,
+after rejections, so a request whose text does not repeat pays for few verification chunks.
+
+`BatchDrafts` is the part of batching.Scheduler that does this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .drafts import PredictionDrafter, lookup_draft
+from .speculative import Budget, Plan, plan, verify
+
+
+@dataclass
+class RowSpeculation:
+    """One request's speculation: how it drafts, how many tokens next, and its counts."""
+
+    plan: Plan
+    budget: Budget
+    predictor: PredictionDrafter | None
+    drafted: int = 0
+    accepted: int = 0
+
+    @classmethod
+    def of(cls, engine, options) -> "RowSpeculation | None":
+        chosen = plan(engine, options)  # checked: bad values are the request's error, before it takes a slot
+        if chosen is None:
+            return None
+        if chosen.source == "draft" or chosen.fallback == "draft":
+            return None  # no draft model in the scheduler (see the module doc): decoded plainly
+        predictor = PredictionDrafter(chosen.prediction, 1) if chosen.source == "prediction" else None
+        return cls(chosen, Budget(chosen.num_draft_tokens), predictor)
+
+
+@dataclass
+class DraftCounts:
+    """What the scheduler's speculation did, for the server's metrics."""
+
+    rounds: int = 0  # verification forwards
+    drafted: int = 0
+    accepted: int = 0
+    by_size: dict = field(default_factory=dict)
+
+
+class BatchDrafts:
+    """Drafting and verifying for the scheduler's busy rows (see the module doc)."""
+
+    def _drafts(self, rows, size: int) -> list[list[int]] | None:
+        """Each of the step's `size` rows' drafts, or None when no row drafts (a plain step)."""
+        if any(s.row in self.guide.rows for s in rows):
+            return None
+        drafts = [[] for _ in range(size)]
+        for s in rows:
+            spec, books = s.speculation, self.cache.tokens[s.row]
+            if spec is None or books is None:
+                continue
+            held = len(books)
+            room = min(s.budget - s.produced - 1, self.engine.max_seq_len - 2 - held)
+            k = max(0, min(spec.budget.next(), room))
+            if not k:
+                continue
+            context = [*books, s.last]
+            if spec.predictor is not None:
+                reply = context[len(context) - s.produced :] if s.produced else []
+                drafts[s.row] = spec.predictor.draft(0, reply, k)
+                if not drafts[s.row] and spec.plan.fallback == "lookup":
+                    drafts[s.row] = lookup_draft(context, k)
+            else:
+                drafts[s.row] = lookup_draft(context, k)
+        return drafts if any(drafts) else None
+
+    def _verify(self, rows, size, cache, tokens, active, drafts, sampler, penalties, kind, with_logprobs):
+        """One verification forward; per row its emitted tokens and their (logprob, values, ids)."""
+        width = 1 + max(s.speculation.plan.num_draft_tokens for s in rows if s.speculation is not None)
+        _, _, emitted, chosen, accepted = verify(
+            self.runner, cache, tokens, active, drafts, width, sampler, penalties, self.eos, kind, with_logprobs
+        )
+        self.cache.high = max(self.cache.lengths.tolist())  # rows were rewound: the books follow
+        counts = self.draft_counts
+        counts.rounds += 1
+        counts.by_size[size] = counts.by_size.get(size, 0) + 1
+        for s in rows:
+            proposed = len(drafts[s.row])
+            if proposed:
+                s.speculation.budget.record(proposed, accepted[s.row])
+                s.speculation.drafted += proposed
+                s.speculation.accepted += accepted[s.row]
+                counts.drafted += proposed
+                counts.accepted += accepted[s.row]
+        if chosen is not None:
+            chosen = [[(float(c[0]), v[0].tolist(), i[0].tolist()) for c, v, i in row] for row in chosen]
+        return emitted, chosen
+
+    def _emit_run(self, slot, tokens: list[int], chosen) -> None:
+        """Hand a request the tokens one verification emitted for it, one at a time, as steps would;
+        tokens fed past its end are stepped back out of the cache."""
+        row, fed = slot.row, 0
+        for i, token in enumerate(tokens):
+            self.cache.tokens[row].append(slot.last)
+            fed += 1
+            self._emit(slot, token, None if chosen is None else chosen[i])
+            if slot.request is None:  # ended here
+                break
+        if len(tokens) > fed:
+            self.cache.rewind(len(tokens) - fed, row)

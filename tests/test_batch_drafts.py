@@ -1,0 +1,124 @@
+"""Speculative decoding in the scheduler (batch_drafts.py): requests that draft, by prompt lookup
+or a prediction, get exactly what they get alone decoding plainly, batched with others that do
+not, and the cache's books stay exact when a request ends inside an accepted run."""
+
+from __future__ import annotations
+
+import pytest
+
+from gemmalite.batching import Scheduler
+
+from test_batching import run, submit
+from test_speculative import PENALIZED, REPEATING, SAMPLED
+
+OTHER = [2, 40, 41, 42, 43, 44, 45, 46, 47, 48]
+
+
+@pytest.fixture
+def scheduler(tiny_engine):
+    return Scheduler(tiny_engine, parallel=4, max_queue=8)
+
+
+def alone(engine, prompt, **options):
+    return engine.generate_ids([prompt], speculative="off", **options)[0]
+
+
+def books_match(scheduler) -> bool:
+    """Every row's token books hold exactly what its cache holds."""
+    return all(len(scheduler.cache.tokens[s.row] or []) == int(scheduler.cache.lengths[s.row]) for s in scheduler.slots)
+
+
+@pytest.mark.parametrize("sampling", [{}, SAMPLED, {**SAMPLED, **PENALIZED}], ids=["greedy", "sampled", "penalized"])
+def test_drafting_requests_batched_with_plain_ones_get_what_they_get_alone(tiny_engine, scheduler, sampling):
+    n = 24
+    spec_options = dict(max_new_tokens=n, ignore_eos=True, speculative="lookup", **sampling)
+    plain_options = dict(max_new_tokens=n, ignore_eos=True, **sampling)
+    expected = [alone(tiny_engine, REPEATING, **plain_options), alone(tiny_engine, OTHER, **plain_options)]
+    prediction = list(expected[1][:10])  # right for its first 10 tokens, then nothing
+    outcomes = [
+        submit(scheduler, REPEATING, **spec_options),
+        submit(scheduler, OTHER, **plain_options),
+        submit(scheduler, OTHER, prediction=prediction, **plain_options),
+        submit(scheduler, REPEATING, **plain_options),
+    ]
+    run(scheduler, *outcomes)
+    assert [o.tokens for o in outcomes] == [expected[0], expected[1], expected[1], expected[0]]
+    assert scheduler.draft_counts.rounds > 0 and scheduler.draft_counts.accepted >= 7  # the prediction: 9 tokens after the first, in runs of k=3 and a choice
+    assert books_match(scheduler)
+
+
+@pytest.mark.parametrize("limit", [5, 6, 7])
+def test_a_request_ending_inside_an_accepted_run_ends_where_plain_decoding_does(tiny_engine, scheduler, limit):
+    """An exact prediction is accepted in runs of k; the budget lands inside one. The tokens fed
+    past the end are stepped back, so a request sent again reuses the cache and gets the same."""
+    expected = alone(tiny_engine, OTHER, max_new_tokens=limit, ignore_eos=True)
+    prediction = alone(tiny_engine, OTHER, max_new_tokens=20, ignore_eos=True)
+    first = submit(scheduler, OTHER, max_new_tokens=limit, ignore_eos=True, prediction=prediction)
+    run(scheduler, first)
+    assert first.tokens == expected and first.last.finish_reason == "length"
+    assert books_match(scheduler)
+    again = submit(scheduler, OTHER + expected, max_new_tokens=6, ignore_eos=True, prediction=prediction[limit:])
+    run(scheduler, again)
+    assert again.tokens == alone(tiny_engine, OTHER + expected, max_new_tokens=6, ignore_eos=True)
+    assert again.last.usage.cached_tokens >= len(OTHER)
+
+
+def test_a_stop_string_inside_an_accepted_run_and_logprobs_equal_complete(tiny_engine, scheduler):
+    text = "ab ab ab ab ab ab"
+    prompt = tiny_engine.encode(text)
+    plain = tiny_engine.complete(text, max_new_tokens=16, ignore_eos=True, logprobs=2, speculative="off")
+    stop = tiny_engine.tokenizer.decode(plain.token_ids[4:6])
+    stopped_plain = tiny_engine.complete(text, max_new_tokens=16, ignore_eos=True, stop=[stop], speculative="off")
+    assert stopped_plain.finish_reason == "stop" and len(stopped_plain.token_ids) < 10  # it ends inside a run
+    logged = submit(scheduler, prompt, max_new_tokens=16, ignore_eos=True, logprobs=2, prediction=plain.token_ids)
+    stopped = submit(scheduler, prompt, max_new_tokens=16, ignore_eos=True, stop=[stop], prediction=plain.token_ids)
+    run(scheduler, logged, stopped)
+    assert logged.tokens == plain.token_ids
+    assert [lp for c in logged.chunks for lp in c.logprobs] == pytest.approx(plain.logprobs, abs=1e-5)
+    top = [t for c in logged.chunks for t in c.top_logprobs]
+    assert [[i for i, _ in t] for t in top] == [[i for i, _ in t] for t in plain.top_logprobs]
+    assert stopped.text == stopped_plain.text and stopped.last.finish_reason == "stop"
+    assert books_match(scheduler)
+
+
+def test_a_step_with_a_grammar_row_decodes_plainly(tiny_engine, scheduler):
+    pytest.importorskip("llguidance")
+    n = 12
+    guided = submit(scheduler, OTHER, max_new_tokens=n, regex="[ab]+")
+    drafting = submit(scheduler, REPEATING, max_new_tokens=n, ignore_eos=True, speculative="lookup")
+    run(scheduler, guided, drafting)
+    assert drafting.tokens == alone(tiny_engine, REPEATING, max_new_tokens=n, ignore_eos=True)
+    assert guided.tokens == tiny_engine.generate_ids([OTHER], max_new_tokens=n, regex="[ab]+")[0]
+
+
+def test_the_server_speculates_with_lookup_and_predictions_and_counts_it(tiny_engine):
+    """A server started with --lookup: replies equal plain decoding, a prediction is accepted and
+    reported, a request with a schema decodes plainly instead of being refused, and /metrics counts drafts."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from gemmalite.options import GenerationOptions
+    from gemmalite.serve.app import create_app
+
+    scheduler = Scheduler(tiny_engine, parallel=2)
+    scheduler.start()
+    app = create_app(tiny_engine, scheduler, model="tiny", defaults=GenerationOptions(speculative="lookup"), log_format=None)
+    text = "ab ab ab ab ab ab"
+    plain = tiny_engine.complete(text, max_new_tokens=12, ignore_eos=True, speculative="off")
+    try:
+        with TestClient(app) as http:
+            body = {"prompt": text, "max_tokens": 12, "ignore_eos": True, "temperature": 0}
+            looked_up = http.post("/v1/completions", json=body).json()
+            predicted = http.post("/v1/completions", json={**body, "prediction": {"type": "content", "content": plain.text}}).json()
+            schema = {**body, "response_format": {"type": "json_object"}}
+            assert http.post("/v1/completions", json=schema).status_code == 200
+            metrics = http.get("/metrics").text
+    finally:
+        scheduler.close()
+    assert looked_up["choices"][0]["text"] == plain.text
+    assert predicted["choices"][0]["text"] == plain.text
+    details = predicted["usage"]["completion_tokens_details"]  # counted on the prediction's own tokens
+    assert details["accepted_prediction_tokens"] > 0
+    assert details["accepted_prediction_tokens"] + details["rejected_prediction_tokens"] == len(tiny_engine.tokenizer.encode(plain.text, bos=False))
+    accepted = [line for line in metrics.splitlines() if line.startswith("gemmalite:spec_decode_num_accepted_tokens_total")]
+    assert accepted and float(accepted[0].split()[-1]) >= 4
