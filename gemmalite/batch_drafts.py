@@ -87,7 +87,7 @@ class BatchDrafts:
 
     def _verify(self, rows, size, cache, tokens, active, drafts, sampler, penalties, kind, with_logprobs):
         """One verification forward; per row its emitted tokens and their (logprob, values, ids)."""
-        width = 1 + max(s.speculation.plan.num_draft_tokens for s in rows if s.speculation is not None)
+        width = max(s.speculation.plan.width for s in rows if s.speculation is not None)
         _, _, emitted, chosen, accepted = verify(
             self.runner, cache, tokens, active, drafts, width, sampler, penalties, self.eos, kind, with_logprobs
         )

@@ -1,4 +1,4 @@
-"""The compile cache's builder: traces prefill and the decode step, compiles them with AOTInductor.
+"""The compile cache's builder: traces prefill, the decode step and verification, compiles them with AOTInductor.
 
 packages.py says what a package is and how a process finds it. This module makes them: `build`
 exports one graph of a runner with every tensor as an input (torch.export, the chunk length and
@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from .packages import TILE, Graph, cache_tensors, entry_name, example_args, identity, model_inputs
-from .runner import decode_step, prefill_chunk
+from .runner import decode_step, prefill_chunk, verify_chunk
 from .sampling import Penalties, SamplerState
 
 
 class _Traced(torch.nn.Module):
-    """prefill_chunk or decode_step as a module whose every tensor is an input, for torch.export.
+    """prefill_chunk, decode_step or verify_chunk as a module whose every tensor is an input, for torch.export.
 
     The model and a cache template are held outside the module's attributes, so export lifts no
     parameter into a constant: the traced call swaps the inputs in for the model's tensors.
@@ -43,9 +43,10 @@ class _Traced(torch.nn.Module):
         saved, model.rope_tables = model.rope_tables, rope
         try:
             with torch.nn.utils.stateless._reparametrize_module(model, named):
-                if graph.name == "prefill":
+                if graph.name in ("prefill", "verify"):
                     ids, n_new = args
-                    return prefill_chunk(model, cache, ids, n_new, spanner.shape[0])
+                    chunk = prefill_chunk if graph.name == "prefill" else verify_chunk
+                    return chunk(model, cache, ids, n_new, spanner.shape[0])
                 tokens, active, sampler, penalties, eos_ids, allowed = args
                 sampler = None if sampler is None else SamplerState(*sampler)
                 return decode_step(

@@ -97,6 +97,9 @@ class ModelDrafter:
         vocab = draft_engine.config.vocab_size
         self.neutral = penalties([SamplingSettings()] * batch_size, [[]] * batch_size, vocab, self.runner.device)
         self.no_eos = self.runner.eos_tensor(())
+        # Its packaged prefill and steps when the compile cache has them: a draft only proposes,
+        # so which kernels it runs changes how often it is right, never the output.
+        self.kernels = self.runner.kernels(batch_size, kind, False, False)
 
     def close(self) -> None:
         self.runner.checkin(self.cache)
@@ -123,7 +126,7 @@ class ModelDrafter:
             return [[] for _ in range(batch)]
         drafts: list[list[int]] = [[] for _ in range(batch)]
         with torch.no_grad(), self.runner.lock:
-            logits = self.runner.prefill(cache, feeds)
+            logits = self.runner.prefill(cache, feeds, None, self.kernels)
             tokens = choose(logits, self.sampler, self.neutral, cache.lengths, self.kind)
             for step in range(1, max(budgets) + 1):
                 ids = tokens.tolist()
@@ -135,7 +138,7 @@ class ModelDrafter:
                 going = torch.tensor([k > step for k in budgets], device=self.runner.device)
                 fed = ids
                 tokens, _, _ = self.runner.step(
-                    cache, tokens, going, self.sampler, self.neutral, self.no_eos, self.kind, False
+                    cache, tokens, going, self.sampler, self.neutral, self.no_eos, self.kind, False, None, self.kernels
                 )
                 for row, k in enumerate(budgets):
                     if k > step:

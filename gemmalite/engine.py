@@ -244,8 +244,8 @@ class Engine:
         compared = prompts if images is None else [images.keyed(row, p) for row, p in enumerate(prompts)]
         if own:
             cache = self.runner.checkout(len(prompts), compared if self.reuse_prompts else None)
-            kind, plain = sampling_kind([options.sampling(self.defaults)]), speculation is None and images is None
-            mine = self.runner.kernels_name(len(prompts), kind, options.logprobs is not None, bool(grammars), plain)
+            kind, width = sampling_kind([options.sampling(self.defaults)]), 0 if speculation is None else speculation.width
+            mine = self.runner.kernels_name(len(prompts), kind, options.logprobs is not None, bool(grammars), images is None, width)
             if cache.kernels not in (None, mine):
                 cache.reset()  # written by other kernels: bfloat16 bits would differ from a fresh call's
             if self.reuse_prompts:

@@ -152,8 +152,8 @@ def generate(
     produced = 0  # tokens each row has produced so far (one per step)
     # What each row will hold once its tokens are fed: what it held, its prompt, its reply.
     transcripts = [None if t is None else t + p for t, p in zip(cache.tokens, prompts)]
-    plain = speculation is None and images is None
-    kernels = runner.kernels(batch, kind, with_logprobs, guide is not None) if plain else None
+    width = 0 if speculation is None else speculation.width  # a speculative call also needs its verification
+    kernels = runner.kernels(batch, kind, with_logprobs, guide is not None, width) if images is None else None
     prompts = _same_kernels(runner, cache, prompts, transcripts, kernels, stats)
     prefilled = False
     try:
@@ -173,7 +173,7 @@ def generate(
         yield first
         if speculation is not None:
             state = (runner, cache, tokens, active, sampler, penalty, eos_tensor, kind, top_logprobs)
-            for block in speculation.decode(*state, rows, transcripts, stats, Block):
+            for block in speculation.decode(*state, rows, transcripts, stats, Block, kernels):
                 yield block
                 stats.decode_s = time.perf_counter() - decode_started
             return

@@ -7,7 +7,9 @@ torch.compile traces and compiles again in every process. Each package is one gr
 - "prefill" for a batch size, with the chunk length and the attended span left symbolic, so one
   package serves every prompt length and cache fill;
 - "decode" for a batch size and a way of choosing (kind of sampling, logprobs, grammar mask),
-  with the span symbolic.
+  with the span symbolic;
+- "verify" for a batch size and a chunk width (1 + the most draft tokens), with the span
+  symbolic: speculative decoding's verification forward (speculative.py).
 
 The weights, RoPE tables and cache buffers are inputs of the graph, not constants baked into it:
 a package holds code only (a few MB), and serves every checkpoint of the same shapes.
@@ -65,17 +67,20 @@ def cache_dir() -> Path | None:
 
 @dataclasses.dataclass(frozen=True)
 class Graph:
-    """One package's graph: "prefill" or "decode", a batch size, and for decode how it chooses."""
+    """One package's graph: "prefill", "decode" or "verify", a batch size, and for decode how it chooses."""
 
     name: str
     batch: int
     kind: str = ""  # decode: sampling.sampling_kind
     with_logprobs: bool = False
     masked: bool = False  # decode: takes a grammar bitmask
+    width: int = 0  # verify: the chunk's tokens
 
     def describe(self) -> str:
         if self.name == "prefill":
             return f"prefill (batch {self.batch})"
+        if self.name == "verify":
+            return f"speculative verification (batch {self.batch}, {self.width} tokens)"
         extras = (", logprobs" if self.with_logprobs else "") + (", grammar mask" if self.masked else "")
         return f"the decode step ({self.kind}{extras}, batch {self.batch})"
 
@@ -125,11 +130,8 @@ def cache_tensors(cache) -> list[torch.Tensor]:
     return [*cache.keys, *cache.values, cache.lengths, cache.rows]
 
 
-def flat_args(graph: Graph, args: tuple) -> tuple:
-    """A step's arguments as the package takes them (named tuples as plain tuples)."""
-    if graph.name == "prefill":
-        return tuple(args)
-    tokens, active, sampler, penalties, eos_ids, allowed = args
+def step_args(tokens, active, sampler, penalties, eos_ids, allowed) -> tuple:
+    """A decode step's arguments as its package takes them (named tuples as plain tuples)."""
     return tokens, active, None if sampler is None else tuple(sampler), tuple(penalties), eos_ids, allowed
 
 
@@ -142,13 +144,15 @@ def example_args(runner, graph: Graph) -> tuple:
         shortest, longest = runner.chunk_lengths(B)
         length = shortest if shortest == longest else 2 * TILE  # one tile would be traced as a constant
         return torch.zeros(B, length, dtype=torch.long, device=device), torch.ones(B, dtype=torch.long, device=device)
+    if graph.name == "verify":
+        return torch.zeros(B, graph.width, dtype=torch.long, device=device), torch.ones(B, dtype=torch.long, device=device)
     vocab = runner.config.vocab_size
     settings = SamplingSettings(temperature=1.0, seed=0)
     sampler = None if graph.kind == GREEDY else sampler_state(settings, B, device)
     allowed = torch.zeros(B, -(-vocab // 32), dtype=torch.int32, device=device) if graph.masked else None
     tokens = torch.ones(B, dtype=torch.long, device=device)
     active = torch.ones(B, dtype=torch.bool, device=device)
-    return flat_args(graph, (tokens, active, sampler, penalties([settings] * B, [[1]] * B, vocab, device), runner.eos_tensor([1]), allowed))
+    return step_args(tokens, active, sampler, penalties([settings] * B, [[1]] * B, vocab, device), runner.eos_tensor([1]), allowed)
 
 
 def identity(runner, graph: Graph) -> dict:
@@ -209,15 +213,17 @@ class Packages:
         self.on_notice: Callable[[str], None] = lambda text: print(f"gemmalite: {text}", file=sys.stderr)
         self._atexit = False
 
-    def kernels(self, batch_size: int, kind: str, with_logprobs: bool, masked: bool) -> "Kernels | None":
-        """A call's packaged prefill and decode step, when both are here (see Runner.kernels)."""
+    def kernels(self, batch_size: int, kind: str, with_logprobs: bool, masked: bool, width: int = 0) -> "Kernels | None":
+        """A call's packaged prefill and decode step, and with `width` (a speculative call's chunk)
+        its verification, when all are here (see Runner.kernels)."""
         prefill = self.get(Graph("prefill", batch_size))
         decode = self.get(Graph("decode", batch_size, kind, with_logprobs, masked))
-        if prefill is None or decode is None:
+        verify = self.get(Graph("verify", batch_size, width=width)) if width else None
+        if prefill is None or decode is None or (width and verify is None):
             return None
         if self.inputs is None:
             self.inputs = model_inputs(self.runner.model)[1]
-        return Kernels(self, prefill, decode)
+        return Kernels(self, prefill, decode, verify)
 
     def run(self, package: Callable, cache, args: tuple, span: int):
         """Call a package on the model's tensors and the cache's; the span reaches it as a shape."""
@@ -303,12 +309,12 @@ class Packages:
 
 
 class Kernels:
-    """A call's packaged prefill and decode step (see Runner.kernels)."""
+    """A call's packaged prefill, decode step and verification (see Runner.kernels)."""
 
     name = "packaged"
 
-    def __init__(self, packages: Packages, prefill: Callable, decode: Callable):
-        self.packages, self._prefill, self._decode = packages, prefill, decode
+    def __init__(self, packages: Packages, prefill: Callable, decode: Callable, verify: Callable | None = None):
+        self.packages, self._prefill, self._decode, self._verify = packages, prefill, decode, verify
 
     def prefill(self, cache, args: tuple, span: int) -> torch.Tensor:
         return self.packages.run(self._prefill, cache, args, span)
@@ -316,3 +322,6 @@ class Kernels:
     def decode(self, cache, args: tuple, span: int):
         tokens, active, chosen = self.packages.run(self._decode, cache, args, span)
         return tokens, active, None if chosen is None else tuple(chosen)
+
+    def verify(self, cache, args: tuple, span: int) -> torch.Tensor:
+        return self.packages.run(self._verify, cache, args, span)

@@ -11,9 +11,8 @@ compiled, are padded to a few fixed lengths, so prompts of any length share a ha
 The runner also lends caches: each call takes one of its own from a small pool (`checkout`),
 and model calls take turns under `lock`, so threads never share a cache. loop.py drives it.
 
-Compiling a graph takes seconds to minutes (on a 2-core CPU, about 50 s for the 270M decode
-step the first time, about 3 s in a later process that finds it in inductor's on-disk cache), so
-a runner tells `on_compile` when a call is about to compile one, and again when it is done.
+Compiling a graph takes seconds to minutes, so a runner tells `on_compile` when a call is about
+to compile one, and when it is done. compile="cached" runs packages instead (packages.py).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from .errors import InvalidArgumentError
 from .grammar import mask_logits
 from .model import Gemma3
 from .options import MAX_LOGPROBS
-from .packages import Graph, Kernels, Packages, cache_dir, flat_args
+from .packages import Kernels, Packages, cache_dir, step_args
 from .sampling import Penalties, SamplerState, apply_penalties, greedy, logprobs, sample
 
 PREFILL_CHUNK = 512
@@ -209,15 +208,15 @@ class Runner:
         """(key, input shape) of every graph the decode step (or "prefill") was called with so far."""
         return sorted((key, tuple(shape)) for key, shape in self._shapes_run if key[0] == mode)
 
-    def kernels(self, batch_size: int, kind: str, with_logprobs: bool, masked: bool) -> "Kernels | None":
-        """The packaged prefill and decode step for a call of this shape, when the compile cache
-        holds both (compile="cached"); None: the call runs eagerly (and the missing ones are wanted)."""
-        return None if self.packages is None else self.packages.kernels(batch_size, kind, with_logprobs, masked)
+    def kernels(self, batch_size: int, kind: str, with_logprobs: bool, masked: bool, width: int = 0) -> "Kernels | None":
+        """The packaged prefill, decode step (and `width`-token verification) of a call of this shape, when
+        the compile cache holds them all; None: the call runs eagerly (and the missing ones are wanted)."""
+        return None if self.packages is None else self.packages.kernels(batch_size, kind, with_logprobs, masked, width)
 
-    def kernels_name(self, batch_size: int, kind: str, with_logprobs: bool, masked: bool, plain: bool) -> str:
+    def kernels_name(self, batch_size: int, kind: str, with_logprobs: bool, masked: bool, plain: bool, width: int = 0) -> str:
         """Which kernels a call of this shape runs: "packaged" when `kernels` has them (and the call
-        is one a package can run: no speculation, no images), else this runner's own."""
-        if plain and self.kernels(batch_size, kind, with_logprobs, masked) is not None:
+        is one packages can run: no images), else this runner's own."""
+        if plain and self.kernels(batch_size, kind, with_logprobs, masked, width) is not None:
             return "packaged"
         return self.kernel_name
 
@@ -354,8 +353,7 @@ class Runner:
         if kernels is not None:
             cache.high = min(cache.high + 1, cache.max_seq_len)
             cache.kernels = kernels.name
-            args = flat_args(Graph("decode", 1), (tokens, active, sampler, penalties, eos_ids, allowed))
-            return kernels.decode(cache, args, cache.span(cache.high))
+            return kernels.decode(cache, step_args(tokens, active, sampler, penalties, eos_ids, allowed), cache.span(cache.high))
         if self.device.type == "cuda" and self.compiled:
             torch.compiler.cudagraph_mark_step_begin()
         cache.high = min(cache.high + 1, cache.max_seq_len)
@@ -368,24 +366,28 @@ class Runner:
         return tokens.clone(), active.clone(), None if chosen is None else tuple(t.clone() for t in chosen)
 
     @torch.no_grad()
-    def verify(self, cache: KVCache, ids: torch.Tensor, n_new: torch.Tensor, width: int) -> torch.Tensor:
+    def verify(self, cache: KVCache, ids: torch.Tensor, n_new: torch.Tensor, width: int, kernels=None) -> torch.Tensor:
         """Feed a chunk [B, T] (row b: n_new[b] real tokens) in one forward; logits [B, T, vocab].
 
-        Compiled, chunks are padded to `width` (1 + the call's most draft tokens): one graph per
-        batch size, width and span. See speculative.py.
+        Compiled or packaged (`kernels`), chunks are padded to `width` (1 + the call's most draft
+        tokens): one graph per batch size, width and span. See speculative.py.
         """
         length = ids.shape[1]
-        if max(length, width if self.compiled else 0) > cache.longest_chunk:
+        padded = self.compiled or kernels is not None
+        if max(length, width if padded else 0) > cache.longest_chunk:
             raise InvalidArgumentError(
                 f"{length - 1} draft tokens do not fit in one verification chunk of this cache "
                 f"(at most {cache.longest_chunk - 1}); ask for fewer draft tokens"
             )
-        if self.compiled:
+        if padded:
             ids = torch.cat([ids, ids.new_zeros(ids.shape[0], width - length)], 1)
-            if self.device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()
         cache.high = min(cache.high + length, cache.max_seq_len)
         key = ("verify", cache.span(cache.high))
+        if kernels is not None:
+            cache.kernels = kernels.name
+            return kernels.verify(cache, (ids, n_new), key[1])[:, :length]
+        if self.device.type == "cuda" and self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
         fn = self._compiled(key, verify_chunk)
         logits = self._call(key, ids.shape, fn, self.model, cache, ids, n_new, key[1])
         return logits[:, :length].clone()

@@ -88,6 +88,11 @@ class Plan:
     fallback: str = "off"  # with a prediction: what drafts where the prediction has nothing
     prediction: tuple[int, ...] = ()
 
+    @property
+    def width(self) -> int:
+        """The verification chunk's tokens: the last one and the most drafts."""
+        return 1 + self.num_draft_tokens
+
 
 def plan(engine, options) -> Plan | None:
     """The speculation a call's options ask for on `engine`, checked; None to decode plainly."""
@@ -194,8 +199,13 @@ class Speculation:
                     drafts[row] = d
         return drafts
 
-    def decode(self, runner, cache, tokens, active, sampler, penalty, eos_ids, kind, top_logprobs, rows, transcripts, stats, make_block):
-        """Yield a block per round until every row is done (the loop's `rows` keeps the books)."""
+    @property
+    def width(self) -> int:
+        return self.plan.width
+
+    def decode(self, runner, cache, tokens, active, sampler, penalty, eos_ids, kind, top_logprobs, rows, transcripts, stats, make_block, kernels=None):
+        """Yield a block per round until every row is done (the loop's `rows` keeps the books).
+        `kernels`: the call's packaged steps and verification (Runner.kernels), or None."""
         batch = len(transcripts)
         reply_starts = [None if t is None else len(t) - p for t, p in zip(transcripts, rows.produced)]
         try:
@@ -212,14 +222,14 @@ class Speculation:
                 with torch.no_grad(), runner.lock:
                     if any(drafts):
                         tokens, active, emitted, chosen, accepted = verify(
-                            runner, cache, tokens, active, drafts, 1 + self.plan.num_draft_tokens,
-                            sampler, penalty, eos_ids, kind, top_logprobs is not None,
+                            runner, cache, tokens, active, drafts, self.width,
+                            sampler, penalty, eos_ids, kind, top_logprobs is not None, kernels,
                         )
                     else:
                         fed = active
                         # No row drafts: a plain decode step, at a plain step's cost.
                         tokens, active, step_chosen = runner.step(
-                            cache, tokens, active, sampler, penalty, eos_ids, kind, top_logprobs is not None
+                            cache, tokens, active, sampler, penalty, eos_ids, kind, top_logprobs is not None, None, kernels
                         )
                         count_tokens(penalty, tokens, fed)
                         emitted = [[t] if f else [] for t, f in zip(tokens.tolist(), fed.tolist())]
@@ -240,7 +250,7 @@ class Speculation:
                 self.model_drafter.close()
 
 
-def verify(runner, cache, tokens, active, drafts, width: int, sampler, penalty: Penalties, eos_ids, kind, with_logprobs):
+def verify(runner, cache, tokens, active, drafts, width: int, sampler, penalty: Penalties, eos_ids, kind, with_logprobs, kernels=None):
     """Feed [last token, d1..dk] per row in one forward; keep each row's drafts up to the first disagreement.
 
     Returns the next last token [B] and active [B] (as a decode step would), each row's emitted
@@ -259,7 +269,7 @@ def verify(runner, cache, tokens, active, drafts, width: int, sampler, penalty: 
     for row, d in enumerate(drafts):
         ids[row, 1 : 1 + len(d)] = torch.tensor(d, dtype=torch.long)
     n_new = torch.tensor([1 + c if g else 0 for c, g in zip(counts, going)], device=device)
-    logits = runner.verify(cache, ids.to(device), n_new, width)  # [B, T, V]
+    logits = runner.verify(cache, ids.to(device), n_new, width, kernels)  # [B, T, V]
     proposed = ids[:, 1:].to(device)
     k = torch.tensor(counts, device=device)
     alive = active.clone()

@@ -400,9 +400,19 @@ def main(argv=None):
                    help="time to first token of a long conversation's next turn, with prompt reuse and without, and exit")
     p.add_argument("--max-seq-len", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="gemmalite cache lengths, one engine each (default 4256), e.g. 2048,32768")
+    p.add_argument("--speculative", action="store_true",
+                   help="plain, prompt lookup, int8 draft model and prediction decoding on input-grounded and "
+                        "open-ended tasks (scripts/bench_speculative.py, on --model or the bundled GGUF), and exit")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--png", help="write a bar chart of decode tok/s here (needs matplotlib)")
     args = p.parse_args(argv)
+    if args.speculative:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_speculative import main as speculative
+
+        given = ["--new-tokens", str(args.new_tokens)] + (["--model", args.model] if args.model else [])
+        given += ["--json", args.json] if args.json else []
+        return speculative(given)
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

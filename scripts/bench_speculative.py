@@ -86,7 +86,7 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint dir or .gguf (default: the bundled 270M GGUF)")
     parser.add_argument("--new-tokens", type=int, default=96)
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), help="which tasks (default: all)")
     parser.add_argument("--no-int8-alone", action="store_true", help="skip the int8 model decoding alone")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     source = args.model
     if source is None:

@@ -146,7 +146,7 @@ def libraries(engine) -> None:
         print(f"| xgrammar {version('xgrammar')} | {setup:.2f} | {name} | {median_ms(compiles)} | {per_token_us(fills)} | {len(ids)} |")
 
 
-def replies(engine, per_schema: int, max_new_tokens: int) -> None:
+def replies(engine, per_schema: int, max_new_tokens: int, **penalty) -> None:
     """Per schema: each prompt greedy, then per_schema - 2 seeded samples, batched (one call each way)."""
     import jsonschema
 
@@ -159,7 +159,7 @@ def replies(engine, per_schema: int, max_new_tokens: int) -> None:
         for how, batch, options in calls:
             if not batch:
                 continue
-            for done in engine.complete(batch, json_schema=schema, max_new_tokens=max_new_tokens, **options):
+            for done in engine.complete(batch, json_schema=schema, max_new_tokens=max_new_tokens, **options, **penalty):
                 try:
                     jsonschema.validate(json.loads(done.text), schema)
                     ok = True
@@ -195,6 +195,8 @@ def main() -> None:
     parser.add_argument("--speed-tokens", type=int, default=64, help="most tokens of each --speed call")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--dtype", default=None, help="bfloat16 (default) or float32 (faster on CPUs without bf16 units)")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="for --replies (the CLI's default for base models: 1.1)")
+    parser.add_argument("--repeat-last-n", type=int, default=None, help="for --replies: the penalty's window (the CLI's: 64)")
     args = parser.parse_args()
     engine = gemmalite.load(args.model, device="cpu", compile=args.compile, dtype=args.dtype)
     print(f"{args.model} ({engine.dtype}): torch {__import__('torch').__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
@@ -203,7 +205,9 @@ def main() -> None:
     if args.speed:
         speed(engine, args.speed_tokens)
     if args.replies:
-        replies(engine, args.replies, args.max_new_tokens)
+        penalty = {k: v for k, v in (("repetition_penalty", args.repetition_penalty), ("repeat_last_n", args.repeat_last_n)) if v is not None}
+        print(f"penalty: {penalty or 'none (the Python API default)'}")
+        replies(engine, args.replies, args.max_new_tokens, **penalty)
 
 
 if __name__ == "__main__":

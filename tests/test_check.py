@@ -63,7 +63,16 @@ def test_report_names_torch_version_graph_count_and_breaks(report):
     text = report.format()
     assert "PASS  compiled == eager greedy: 200/200 tokens, 12 ring wraps" in text
     assert "PASS  compiled prefill == eager" in text  # the seventh check: compiled prefill
-    assert text.splitlines()[-1].startswith("all checks passed: 7 passed, 0 failed, 2 skipped")
+    assert text.splitlines()[-1].startswith("all checks passed: 8 passed, 0 failed, 2 skipped")
+
+
+def test_the_verification_graphs_are_listed(report):
+    detail = report["compiled speculative verification == eager plain decoding"].detail
+    assert "24 greedy tokens with prompt lookup equal plain eager decoding's" in detail
+    accepted = int(re.search(r"(\d+) of \d+ drafts accepted", detail).group(1))
+    assert accepted > 0
+    graphs = int(re.search(r"(\d+) graph\(s\): speculative verification \(batch 1, 9 tokens", detail).group(1))
+    assert 1 <= graphs <= 2  # one per span reached
 
 
 def test_speed_is_measured(report):

@@ -21,7 +21,7 @@ from gemmalite import packages
 from gemmalite.builder import build, build_queue
 from gemmalite.packages import Graph
 
-from conftest import MARGIN
+from conftest import MARGIN, make_checkpoint
 from test_invariance import SAMPLED, fresh_call, ids
 
 PROMPT = [2, 17, 33, 91, 5, 240, 77, 12, 8, 150, 41]
@@ -39,8 +39,20 @@ def no_builders_at_exit():
 
 
 @pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """The tiny model cut to two layers, one sliding and one global: every graph it builds is the
+    tiny model's in all but the layer count, and builds in about two thirds of the time."""
+    return make_checkpoint(tmp_path_factory.mktemp("small"), num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+
+
+@pytest.fixture(scope="module")
+def small_engine(small):
+    return gemmalite.load(small[0], dtype="float32", compile=False, max_seq_len=1024, rewind_margin=MARGIN)
+
+
+@pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    """A compile cache holding the float32 prefill and greedy step of the tiny model at batch 1."""
+    """A compile cache holding the float32 prefill and greedy step of the small model at batch 1."""
     path = tmp_path_factory.mktemp("compiled")
     with cache_at(path):
         yield path
@@ -60,32 +72,32 @@ class cache_at:
         os.environ["GEMMALITE_COMPILE_CACHE"] = self.before
 
 
-def cached(tiny, dtype="float32", **options):
-    return gemmalite.load(tiny[0], dtype=dtype, compile="cached", max_seq_len=1024, rewind_margin=MARGIN, **options)
+def cached(small, dtype="float32", **options):
+    return gemmalite.load(small[0], dtype=dtype, compile="cached", max_seq_len=1024, rewind_margin=MARGIN, **options)
 
 
 @pytest.fixture(scope="module")
-def built(tiny, root):
-    engine = cached(tiny)
+def built(small, root):
+    engine = cached(small)
     for graph in (Graph("prefill", 1), GREEDY):
         build(engine.runner, graph, root)
     return root
 
 
-def test_cpu_defaults_to_the_compile_cache_and_off_means_eager(tiny, root, monkeypatch):
-    assert cached(tiny).compile == "cached"
-    assert gemmalite.load(tiny[0], dtype="float32").compile == "cached"
+def test_cpu_defaults_to_the_compile_cache_and_off_means_eager(small, root, monkeypatch):
+    assert cached(small).compile == "cached"
+    assert gemmalite.load(small[0], dtype="float32").compile == "cached"
     monkeypatch.setenv("GEMMALITE_COMPILE_CACHE", "off")
-    eager = gemmalite.load(tiny[0], dtype="float32")
+    eager = gemmalite.load(small[0], dtype="float32")
     assert eager.compile is False and eager.runner.packages is None
     with pytest.raises(gemmalite.InvalidArgumentError, match="compile must be"):
-        gemmalite.load(tiny[0], compile="yes")
+        gemmalite.load(small[0], compile="yes")
 
 
-def test_a_second_process_runs_the_packages_and_gets_eagers_tokens(tiny, built, tiny_engine):
+def test_a_second_process_runs_the_packages_and_gets_eagers_tokens(small, built, small_engine):
     script = f"""
 import json, gemmalite
-engine = gemmalite.load({str(tiny[0])!r}, dtype="float32", max_seq_len=1024, rewind_margin={MARGIN})
+engine = gemmalite.load({str(small[0])!r}, dtype="float32", max_seq_len=1024, rewind_margin={MARGIN})
 done = engine.complete({PROMPT}, max_new_tokens=40, ignore_eos=True)
 print(json.dumps({{"tokens": done.token_ids, "loaded": sorted(g.name for g in engine.runner.packages.loaded),
                   "wanted": len(engine.runner.packages.wanted)}}))
@@ -95,37 +107,57 @@ print(json.dumps({{"tokens": done.token_ids, "loaded": sorted(g.name for g in en
     assert run.returncode == 0, run.stderr
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["loaded"] == ["decode", "prefill"] and got["wanted"] == 0
-    eager = tiny_engine.complete(PROMPT, max_new_tokens=40, ignore_eos=True).token_ids
+    eager = small_engine.complete(PROMPT, max_new_tokens=40, ignore_eos=True).token_ids
     assert got["tokens"] == eager
 
 
-def test_packaged_calls_cross_spans_and_chunks_with_eagers_tokens(tiny, built, tiny_engine):
-    engine = cached(tiny)
+def test_packaged_calls_cross_spans_and_chunks_with_eagers_tokens(small, built, small_engine):
+    engine = cached(small)
     long_prompt = ids(300, 5)  # several prefill chunks; decode crosses from a 256- to a 512-slot span
     for prompt in (PROMPT, long_prompt, [2]):
         got = engine.complete(prompt, max_new_tokens=230, ignore_eos=True, repetition_penalty=1.3)
         assert engine.runner.packages.loaded and engine.runner.kernels(1, "greedy", False, False) is not None
-        assert got.token_ids == tiny_engine.complete(prompt, max_new_tokens=230, ignore_eos=True, repetition_penalty=1.3).token_ids
+        assert got.token_ids == small_engine.complete(prompt, max_new_tokens=230, ignore_eos=True, repetition_penalty=1.3).token_ids
 
 
-def test_a_call_whose_graphs_are_missing_runs_eagerly_and_wants_them(tiny, built, tiny_engine, monkeypatch):
-    engine = cached(tiny)
+def test_speculative_calls_run_a_packaged_verification_with_plain_decodings_tokens(small, built, small_engine, monkeypatch, tmp_path):
+    """A lookup call wants its verification graph and runs eagerly; once built, the whole call runs
+    packaged (prefill, steps, verification) and gives plain decoding's tokens."""
+    repeating = [2, 10, 20, 30, 40, 50, 10, 20, 30, 40, 50, 10, 20, 30]
+    expected = small_engine.complete(repeating, max_new_tokens=30, ignore_eos=True, speculative="off").token_ids
+    verify, calls = Graph("verify", 1, width=1 + MARGIN), []
+    shutil.copytree(built, tmp_path / "compiled")  # the module's entries, and this one's verification
+    with cache_at(tmp_path / "compiled"):
+        engine = cached(small)
+        assert engine.complete(repeating, max_new_tokens=30, ignore_eos=True, speculative="lookup").token_ids == expected
+        assert verify in engine.runner.packages.wanted
+        build(engine.runner, verify, tmp_path / "compiled")
+        engine = cached(small)
+        packaged = packages.Kernels.verify
+        monkeypatch.setattr(packages.Kernels, "verify", lambda self, *args: calls.append(1) or packaged(self, *args))
+        got = engine.complete(repeating, max_new_tokens=30, ignore_eos=True, speculative="lookup")
+    assert got.token_ids == expected and sum(engine.last_stats.accepted_tokens) > 0 and calls
+    assert verify in engine.runner.packages.loaded
+
+
+def test_a_call_whose_graphs_are_missing_runs_eagerly_and_wants_them(small, built, small_engine, monkeypatch):
+    engine = cached(small)
     done = engine.complete(PROMPT, max_new_tokens=12, temperature=0.7, top_k=5, seed=3)
     assert engine.runner.packages.wanted == {Graph("decode", 1, "topk")}  # the prefill exists
-    assert done.token_ids == tiny_engine.complete(PROMPT, max_new_tokens=12, temperature=0.7, top_k=5, seed=3).token_ids
+    assert done.token_ids == small_engine.complete(PROMPT, max_new_tokens=12, temperature=0.7, top_k=5, seed=3).token_ids
     started = []
     monkeypatch.setattr(packages.subprocess, "Popen", lambda argv, **kw: started.append((argv, kw)))
     BUILD_IN_BACKGROUND(engine.runner.packages)
     (argv, kw), = started
     assert kw["start_new_session"] and kw["env"]["GEMMALITE_COMPILE_CACHE"] == str(built)
     queued = [json.loads(p.read_text()) for p in (built / "queue").glob("*.json")]
-    assert [q["graph"]["kind"] for q in queued] == ["topk"] and queued[0]["recipe"]["source"] == str(tiny[0].resolve())
+    assert [q["graph"]["kind"] for q in queued] == ["topk"] and queued[0]["recipe"]["source"] == str(small[0].resolve())
     shutil.rmtree(built / "queue")
 
 
 @pytest.mark.parametrize("change", ["max_seq_len", "dtype", "torch", "gemmalite", "cpu"])
-def test_a_change_to_anything_a_graph_depends_on_makes_a_new_entry(tiny, built, change, monkeypatch):
-    name = cached(tiny).runner.packages.name(GREEDY)
+def test_a_change_to_anything_a_graph_depends_on_makes_a_new_entry(small, built, change, monkeypatch):
+    name = cached(small).runner.packages.name(GREEDY)
     options = {"max_seq_len": dict(max_seq_len=512), "dtype": dict(dtype="bfloat16")}.get(change, {})
     if change == "torch":
         monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
@@ -133,16 +165,16 @@ def test_a_change_to_anything_a_graph_depends_on_makes_a_new_entry(tiny, built, 
         monkeypatch.setattr(packages, "_source_digest", lambda: "edited")
     if change == "cpu":
         monkeypatch.setattr(packages, "_cpu", lambda: "another cpu")
-    engine = gemmalite.load(tiny[0], compile="cached", rewind_margin=MARGIN, **{"dtype": "float32", "max_seq_len": 1024, **options})
+    engine = gemmalite.load(small[0], compile="cached", rewind_margin=MARGIN, **{"dtype": "float32", "max_seq_len": 1024, **options})
     assert engine.runner.packages.name(GREEDY) != name
     assert engine.runner.kernels(1, "greedy", False, False) is None and GREEDY in engine.runner.packages.wanted
 
 
-def test_a_corrupt_or_foreign_entry_is_announced_deleted_and_rebuilt(tiny, built, tiny_engine, tmp_path):
+def test_a_corrupt_or_foreign_entry_is_announced_deleted_and_rebuilt(small, built, small_engine, tmp_path):
     other = tmp_path / "compiled"
     shutil.copytree(built, other)
     with cache_at(other):
-        engine = cached(tiny)
+        engine = cached(small)
         name = engine.runner.packages.name(GREEDY)
         (other / f"{name}.pt2").write_bytes(b"not a package")
         record = json.loads((other / f"{engine.runner.packages.name(Graph('prefill', 1))}.json").read_text())
@@ -164,13 +196,13 @@ def test_a_corrupt_or_foreign_entry_is_announced_deleted_and_rebuilt(tiny, built
         for request in engine.runner.packages.requests():
             (queue / f"{request['name']}.json").write_text(json.dumps(request))
         assert build_queue(other) == 1 and not list(queue.iterdir())
-        again = cached(tiny)
+        again = cached(small)
         assert again.complete(PROMPT, max_new_tokens=20, ignore_eos=True).token_ids == done.token_ids
         assert {g.name for g in again.runner.packages.loaded} == {"prefill", "decode"}
 
 
-def test_bf16_packaged_replies_are_the_same_fresh_reused_and_after_eager_calls(tiny, root):
-    engine = cached(tiny, dtype="bfloat16")
+def test_bf16_packaged_replies_are_the_same_fresh_reused_and_after_eager_calls(small, root):
+    engine = cached(small, dtype="bfloat16")
     for graph in (Graph("prefill", 1), SORTED_WITH_LOGPROBS):
         build(engine.runner, graph, root)
     eager_first = engine.complete(ids(20, 1), max_new_tokens=8, temperature=0.8, seed=1)  # "plain": not built
@@ -188,14 +220,14 @@ def test_bf16_packaged_replies_are_the_same_fresh_reused_and_after_eager_calls(t
     assert reused.token_ids == alone.token_ids and reused.top_logprobs == alone.top_logprobs
 
 
-def test_a_cache_that_cannot_be_written_leaves_calls_eager_with_a_notice(tiny, tiny_engine, tmp_path):
+def test_a_cache_that_cannot_be_written_leaves_calls_eager_with_a_notice(small, small_engine, tmp_path):
     blocked = tmp_path / "a file, not a directory"
     blocked.write_text("")
     with cache_at(blocked / "compiled"):
-        engine = cached(tiny)
+        engine = cached(small)
         notices = []
         engine.runner.packages.on_notice = notices.append
         done = engine.complete(PROMPT, max_new_tokens=8, ignore_eos=True)
-        assert done.token_ids == tiny_engine.complete(PROMPT, max_new_tokens=8, ignore_eos=True).token_ids
+        assert done.token_ids == small_engine.complete(PROMPT, max_new_tokens=8, ignore_eos=True).token_ids
         assert BUILD_IN_BACKGROUND(engine.runner.packages) is None
         assert len(notices) == 1 and "could not start" in notices[0]

@@ -6,7 +6,8 @@ One call, `check()`, measures instead of assuming:
 - on a tiny random Gemma 3 built in memory (or on `model=` when given), with two engines that
   share one model, one eager and one compiled (engines.py): compiled tokens equal eager ones,
   graphs stay bounded, nothing breaks the graph (compiled.py), compiled prefill equals eager
-  prefill with bounded graphs (prefill.py), and on CUDA, decode steps are
+  prefill with bounded graphs (prefill.py), compiled speculative verification gives plain
+  decoding's tokens, its graphs listed (verify.py), and on CUDA, decode steps are
   CUDA graph replays whose kept outputs stay intact (cuda_graphs.py);
 - decode speed, eager against compiled (speed.py).
 
@@ -25,7 +26,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from ..loading import parse_device, parse_dtype
-from . import compiled, cuda_graphs, prefill, speed
+from . import compiled, cuda_graphs, prefill, speed, verify
 from .engines import TINY_CONFIG, Engines, loaded_engines, tiny_engines, tiny_model
 from .environment import environment
 from .report import CHECKS, FAIL, INFO, PASS, SKIP, Add, CheckReport, CheckResult
@@ -42,6 +43,7 @@ ENGINE_CHECKS: tuple[Callable[[Engines, Add], None], ...] = (
     compiled.graphs_bounded,
     compiled.no_graph_breaks,
     prefill.prefill_matches_eager,
+    verify.verification_matches_eager,
     cuda_graphs.decode_steps_replay,
     cuda_graphs.kept_outputs_intact,
     speed.decode_speed,
