@@ -31,10 +31,13 @@ Drafters (generation option `speculative`, or `prediction`):
 
 A row drafts fewer tokens, and for a while none, when its drafts are rejected; a round with no
 draft in any row is a plain decode step, so speculation costs little where it does not pay.
+And a call stops drafting for a while when its rounds, timed, yield tokens more slowly than
+plain steps (`Pace`): on a CPU, verifying k drafts costs k heads of 262k logits.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -161,6 +164,41 @@ class Budget:
             self.k, self.misses = max(1, accepted + 1), 0
 
 
+class Pace:
+    """Whether speculating pays here: seconds per emitted token, measured, of plain steps and of
+    speculative rounds (drafting included). Acceptance is not enough: on a CPU a verification
+    chunk's head costs about as much per position as a step's, so even accepted drafts can lose.
+    While rounds are slower than steps, the call pauses drafting, for longer after each loss, and
+    probes again; a first plain step is timed after the first round, to compare with."""
+
+    def __init__(self):
+        self.plain = self.speculative = None  # seconds per token, smoothed
+        self.pause = self.losses = 0
+
+    def allows(self) -> bool:
+        if self.pause:
+            self.pause -= 1
+            return False
+        return True
+
+    def record(self, speculative: bool, seconds: float, tokens: int) -> None:
+        if not tokens:
+            return
+        rate = seconds / tokens
+        if not speculative:
+            self.plain = rate if self.plain is None else (self.plain + rate) / 2
+            return
+        self.speculative = rate if self.speculative is None else (self.speculative + rate) / 2
+        if self.plain is None:
+            self.pause = 1  # time a plain step next
+        elif self.speculative > self.plain:
+            self.losses += 1
+            self.pause = min(MAX_PAUSE, 2**self.losses)
+            self.speculative = None  # the next probe is judged on its own
+        else:
+            self.losses = 0
+
+
 class Speculation:
     """One call's speculative decoding: the loop (loop.generate) hands it the decoding once prefilled."""
 
@@ -170,6 +208,7 @@ class Speculation:
         self.budgets = [Budget(plan.num_draft_tokens) for _ in range(batch_size)]
         self.prediction = PredictionDrafter(plan.prediction, batch_size) if plan.source == "prediction" else None
         self.draft_engine = engine.draft if "draft" in (plan.source, plan.fallback) else None
+        self.pace = Pace()
         self.model_drafter: ModelDrafter | None = None
         stats.draft_tokens, stats.accepted_tokens = [0] * batch_size, [0] * batch_size
         stats.prediction = plan.prediction if self.prediction is not None else None
@@ -210,12 +249,14 @@ class Speculation:
         reply_starts = [None if t is None else len(t) - p for t, p in zip(transcripts, rows.produced)]
         try:
             while not rows.done:
+                started = time.perf_counter()
                 lengths = cache.lengths.tolist()
                 going = active.tolist()
                 budgets = []
+                drafting = self.pace.allows()
                 for row in range(batch):
                     room = min(rows.limits[row] - rows.produced[row] - 1, runner.max_seq_len - 2 - lengths[row])
-                    alive = going[row] and rows.reasons[row] is None
+                    alive = going[row] and rows.reasons[row] is None and drafting
                     budgets.append(max(0, min(self.budgets[row].next(), room)) if alive else 0)
                 replies = [None if t is None else t[s:] for t, s in zip(transcripts, reply_starts)]
                 drafts = self._drafts(transcripts, replies, budgets, sampler, kind)
@@ -236,6 +277,7 @@ class Speculation:
                         chosen = None if step_chosen is None else [[_row_of(step_chosen, row)] for row in range(batch)]
                         accepted = [0] * batch
                 taken = [rows.take(row, emitted[row]) for row in range(batch)]
+                self.pace.record(any(drafts), time.perf_counter() - started, sum(map(len, emitted)))
                 for row in range(batch):
                     kept = min(accepted[row], len(taken[row]))  # drafts come first in what a round emits
                     if drafts[row]:

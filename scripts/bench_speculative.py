@@ -79,6 +79,24 @@ def run(engine, prompt: str, new_tokens: int, **options) -> dict:
     }
 
 
+def prepare(target, draft, k: dict) -> None:
+    """Run each mode briefly, so that the engines want their graphs, and build them here."""
+    from gemmalite.builder import build
+
+    for options in (dict(speculative="off"), dict(speculative="lookup", **k), dict(speculative="draft", **k),
+                    dict(prediction=CODE, **k)):  # fmt: skip
+        target.complete(TASKS["code edit"], max_new_tokens=4, ignore_eos=True, **options)
+    draft.complete(TASKS["code edit"], max_new_tokens=4, ignore_eos=True)
+    for engine in (target, draft):
+        packages = engine.runner.packages
+        for graph in sorted(packages.wanted, key=str):
+            started = time.perf_counter()
+            build(engine.runner, graph, packages.root)
+            print(f"built {graph.describe()} for {engine.dtype}{' int8' if engine is draft else ''} in "
+                  f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        packages.wanted.clear()
+
+
 def first_difference(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -94,6 +112,10 @@ def main(argv=None) -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), help="which tasks (default: all)")
     parser.add_argument("--no-int8-alone", action="store_true", help="skip the int8 model decoding alone")
+    parser.add_argument("--compile", default="cached", choices=["cached", "eager"],
+                        help="cached: the CPU default, from the compile cache (see --prepare); eager: none")
+    parser.add_argument("--prepare", action="store_true",
+                        help="build the compile cache's packages every mode needs (minutes, once), then exit")
     args = parser.parse_args(argv)
 
     source = args.model
@@ -101,9 +123,12 @@ def main(argv=None) -> None:
         from gemmalite.gguf import default_gguf_path
 
         source = default_gguf_path()
-    draft = gemmalite.load(source, quantize="int8")
-    target = gemmalite.load(source, draft=draft)  # bf16, CPU eager: the CPU defaults
+    compile = "cached" if args.compile == "cached" else False
+    draft = gemmalite.load(source, quantize="int8", compile=compile)
+    target = gemmalite.load(source, draft=draft, compile=compile)  # bf16 and the compile cache: the CPU defaults
     k = {} if args.draft_tokens is None else {"num_draft_tokens": args.draft_tokens}
+    if args.prepare:
+        return prepare(target, draft, k)
     target.complete("warm up", max_new_tokens=4)
     draft.complete("warm up", max_new_tokens=4)
 

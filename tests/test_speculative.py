@@ -12,6 +12,9 @@ import torch
 import gemmalite
 from gemmalite import Engine, InvalidArgumentError, ModelLoadError
 
+from gemmalite import speculative
+from gemmalite.speculative import Pace
+
 from conftest import MARGIN, make_checkpoint
 
 REPEATING = [2, 10, 20, 30, 40, 50, 10, 20, 30, 40, 50, 10, 20, 30]
@@ -26,6 +29,22 @@ def engine_like(engine: Engine, **kwargs) -> Engine:
         engine.model, engine.tokenizer, device=engine.device, dtype=engine.dtype, compile=engine.compiled,
         max_seq_len=engine.max_seq_len, rewind_margin=MARGIN, **kwargs,
     )
+
+
+class AlwaysDraft:
+    """Pace's stand-in for the tests of round structure: every round drafts, however it is timed.
+    (Pace only decides whether a round drafts; these tests prove the tokens do not depend on it.)"""
+
+    def allows(self):
+        return True
+
+    def record(self, *args):
+        pass
+
+
+@pytest.fixture(autouse=True)
+def rounds_always_draft(monkeypatch):
+    monkeypatch.setattr(speculative, "Pace", AlwaysDraft)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -217,3 +236,42 @@ def test_server_reports_prediction_usage_and_refuses_a_bad_prediction(tiny_engin
     with pytest.raises(APIError) as refused:
         parse_completion({**body, "prediction": "return a + b"}, tiny_engine, GenerationOptions())
     assert refused.value.status == 400 and refused.value.param == "prediction"
+
+
+def test_pace_pauses_drafting_while_rounds_are_slower_than_plain_steps():
+    from gemmalite.speculative import MAX_PAUSE
+
+    pace = Pace()
+    assert pace.allows()
+    pace.record(True, 0.30, 9)  # a round: 9 tokens in 0.30 s
+    assert not pace.allows() and pace.allows()  # one plain step is timed next, to compare with
+    pace.record(False, 0.045, 1)
+    pace.record(True, 0.30, 9)  # 33 ms a token against 45: it pays, drafting goes on
+    assert pace.allows()
+    pauses = []
+    for _ in range(7):  # rounds at 100 ms a token: each loss pauses for longer, up to MAX_PAUSE
+        pace.record(True, 0.5, 5)
+        pauses.append(pace.pause)
+        while not pace.allows():
+            pace.record(False, 0.045, 1)
+    assert pauses == [2, 4, 8, 16, 32, MAX_PAUSE, MAX_PAUSE]
+    pace.record(True, 0.1, 5)  # 20 ms a token: a probe that pays ends the pauses
+    assert pace.losses == 0 and pace.allows()
+
+
+def test_a_paced_call_still_gives_plain_decodings_tokens(drafted, monkeypatch):
+    """With the real Pace, and drafting rounds made to look 100x slower, drafting pauses and
+    resumes mid-call: the tokens are still plain decoding's."""
+    rounds = []
+
+    class SlowRounds(Pace):
+        def record(self, speculative, seconds, tokens):
+            rounds.append(speculative)
+            super().record(speculative, seconds * (100 if speculative else 1), tokens)
+
+    monkeypatch.setattr(speculative, "Pace", SlowRounds)
+    plain, spec, stats = plain_and_speculative(drafted, [REPEATING], max_new_tokens=60, ignore_eos=True, speculative="lookup")
+    assert spec[0].token_ids == plain[0].token_ids
+    drafting = "".join("d" if r else "." for r in rounds)
+    gaps = [len(run) for run in drafting.strip(".").split("d") if run]
+    assert drafting.count("d") >= 3 and gaps == sorted(gaps) and drafting.count("d") < len(drafting) // 3, drafting
