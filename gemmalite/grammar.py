@@ -92,27 +92,57 @@ def schema_text(schema) -> str:
         raise InvalidArgumentError(f"json_schema cannot be written as JSON: {e}") from None
 
 
-def closed_objects(schema):
-    """The schema with `additionalProperties: false` on every object that lists properties and says
-    nothing of others: the reply then uses only the properties named, and still fits the schema."""
+SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "additionalItems", "unevaluatedItems")
+SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+SAFE_INTEGER = 2**53 - 1  # the largest integer every JSON parser reads exactly (JavaScript's MAX_SAFE_INTEGER)
+
+
+def each_schema(schema, change):
+    """`schema` with `change(node)` applied to a copy of it and of every schema inside it."""
     if isinstance(schema, list):
-        return [closed_objects(s) for s in schema]
+        return [each_schema(s, change) for s in schema]
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
-    for key in ("items", "additionalProperties", "not", "if", "then", "else", "contains", "additionalItems", "unevaluatedItems"):
+    for key in SUBSCHEMA:
         if isinstance(out.get(key), (dict, list)):
-            out[key] = closed_objects(out[key])
-    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+            out[key] = each_schema(out[key], change)
+    for key in SUBSCHEMA_LISTS:
         if isinstance(out.get(key), list):
-            out[key] = [closed_objects(s) for s in out[key]]
-    for key in ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas"):
+            out[key] = [each_schema(s, change) for s in out[key]]
+    for key in SUBSCHEMA_MAPS:
         if isinstance(out.get(key), dict):
-            out[key] = {name: closed_objects(s) for name, s in out[key].items()}
-    opens = ("additionalProperties", "patternProperties", "unevaluatedProperties")
-    if isinstance(out.get("properties"), dict) and not any(k in out for k in opens):
-        out["additionalProperties"] = False
+            out[key] = {name: each_schema(s, change) for name, s in out[key].items()}
+    change(out)
     return out
+
+
+def closed_objects(schema):
+    """The schema with `additionalProperties: false` on every object that lists properties and says
+    nothing of others: the reply then uses only the properties named, and still fits the schema."""
+
+    def close(node: dict) -> None:
+        opens = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+        if isinstance(node.get("properties"), dict) and not any(k in node for k in opens):
+            node["additionalProperties"] = False
+
+    return each_schema(schema, close)
+
+
+def bounded_integers(schema):
+    """The schema with every `integer` held to +-SAFE_INTEGER where it sets no bound of its own. A
+    JSON integer has no length limit, and a small model left to write one may write zeros until
+    max_new_tokens; bounded, it has at most 16 digits, and the value still fits the schema."""
+
+    def bound(node: dict) -> None:
+        if node.get("type") in ("integer", ["integer"]):
+            if "maximum" not in node and "exclusiveMaximum" not in node:
+                node["maximum"] = SAFE_INTEGER
+            if "minimum" not in node and "exclusiveMinimum" not in node:
+                node["minimum"] = -SAFE_INTEGER
+
+    return each_schema(schema, bound)
 
 
 # ---------------------------------------------------------------------- the vocabulary as bytes
@@ -208,7 +238,7 @@ class Grammars:
     def _grammar_text(llg, constraint: Constraint) -> str:
         try:
             if constraint.kind == "json_schema":
-                schema = closed_objects(json.loads(constraint.source))
+                schema = bounded_integers(closed_objects(json.loads(constraint.source)))
                 return llg.LLMatcher.grammar_from_json_schema(schema, overrides={"whitespace_pattern": WHITESPACE})
             if constraint.kind == "regex":
                 return llg.LLMatcher.grammar_from_regex(constraint.source)

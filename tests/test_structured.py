@@ -94,6 +94,23 @@ def test_the_mask_allows_exactly_what_the_grammar_accepts_and_covers_the_head(ti
     assert torch.equal(masked[1], logits[1])
 
 
+def test_integers_without_bounds_are_held_to_the_safe_range(tiny_engine):
+    """An unbounded integer may have at most 16 digits (2**53 - 1), so a model cannot write zeros
+    until max_new_tokens; a bound the schema sets itself is kept."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "big": {"type": "integer", "maximum": 10**18}},
+              "required": ["n", "big"]}  # fmt: skip
+    compiled = Grammars(tiny_engine.tokenizer, tiny_engine.config.vocab_size, eos_id=1).compile(Constraint("json_schema", json.dumps(schema)))
+
+    def takes(text: str) -> bool:
+        matcher = compiled.matcher(stop_ids=(1,)).matcher
+        return all(matcher.consume_token(t) for t in tiny_engine.tokenizer.encode(text, bos=False))
+
+    assert takes('{"n": -9007199254740991, "big": 1000000000000000000}')
+    assert not takes('{"n": 9007199254740992')  # one past the safe range
+    assert not takes('{"n": 10000000000000000')  # 17 digits
+    assert takes('{"n": 12, "big": 3}')
+
+
 # ------------------------------------------------------------------ replies
 @pytest.mark.parametrize("schema", [PERSON, FLAGS, True], ids=["nested", "flags", "any-object"])
 def test_replies_parse_and_validate_greedy_and_sampled(tiny_engine, schema):
