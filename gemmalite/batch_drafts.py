@@ -11,6 +11,9 @@ target's own choice at that position, with the request's own noise and penalty c
 accept different counts; the rejected drafts are rewound row by row, and so are accepted tokens
 fed past a request's end (a stop token or string, or its budget, inside an accepted run).
 
+The scheduler paces itself as a call does (speculative.Pace): it times its verification steps
+against its plain ones, per token, and pauses drafting while verifying is slower.
+
 What stays plain: a step with a grammar-constrained row (the mask is a decode step's), and
 draft models (their caches would have to follow every slot's prompt reuse and row moves; the CLI
 and the Python API run them). `Budget` (speculative.py) drafts less, and for a while nothing,
@@ -63,7 +66,9 @@ class BatchDrafts:
 
     def _drafts(self, rows, size: int) -> list[list[int]] | None:
         """Each of the step's `size` rows' drafts, or None when no row drafts (a plain step)."""
-        if any(s.row in self.guide.rows for s in rows):
+        if any(s.row in self.guide.rows for s in rows) or all(s.speculation is None for s in rows):
+            return None
+        if not self.pace.allows():
             return None
         drafts = [[] for _ in range(size)]
         for s in rows:
@@ -106,6 +111,11 @@ class BatchDrafts:
         if chosen is not None:
             chosen = [[(float(c[0]), v[0].tolist(), i[0].tolist()) for c, v, i in row] for row in chosen]
         return emitted, chosen
+
+    def _timed(self, rows, drafted: bool, seconds: float, tokens: int) -> None:
+        """Tell the pace how long a step took, when a request in it speculates."""
+        if any(s.speculation is not None for s in rows):
+            self.pace.record(drafted, seconds, tokens)
 
     def _emit_run(self, slot, tokens: list[int], chosen) -> None:
         """Hand a request the tokens one verification emitted for it, one at a time, as steps would;

@@ -43,6 +43,7 @@ from collections.abc import Sequence
 import torch
 
 from .batch_drafts import BatchDrafts, DraftCounts, RowSpeculation
+from .speculative import Pace
 from .completion import RowResult
 from .errors import ContextLengthError, GemmaliteError, InvalidArgumentError, QueueFullError
 from .grammar import Guide
@@ -91,6 +92,7 @@ class Scheduler(Placement, BatchDrafts):
         }
         self.decode_steps: Counter[int] = Counter()  # steps run, by batch size (the server's metrics read it)
         self.draft_counts = DraftCounts()  # speculative rounds (batch_drafts.py)
+        self.pace = Pace()  # whether verifying pays, timed (batch_drafts.py)
         self.guide = Guide(parallel, engine.grammars.words, device)  # per-request json_schema/regex/grammar
         self._waiting: deque[Request] = deque()
         self._filling: Slot | None = None  # the slot whose prompt is in the staging cache
@@ -298,6 +300,7 @@ class Scheduler(Placement, BatchDrafts):
             with_logprobs = any(s.top is not None for s in rows)
             cache.high = self.cache.high
             guided = any(s.row in self.guide.rows for s in rows)
+            started = time.perf_counter()
             drafts = self._drafts(rows, size)
             with torch.no_grad(), self.runner.lock:
                 if drafts is not None:  # a verification forward (batch_drafts.py)
@@ -317,6 +320,7 @@ class Scheduler(Placement, BatchDrafts):
         except Exception as error:
             self._fail(rows, error)
             return
+        self._timed(rows, drafts is not None, time.perf_counter() - started, sum(len(emitted[s.row]) for s in rows))
         for s in rows:
             self._emit_run(s, emitted[s.row], None if chosen is None else chosen[s.row])
 

@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import pytest
 
+from gemmalite import batching
 from gemmalite.batching import Scheduler
+from gemmalite.speculative import Pace
 
 from test_batching import run, submit
-from test_speculative import PENALIZED, REPEATING, SAMPLED
+from test_speculative import PENALIZED, REPEATING, SAMPLED, AlwaysDraft
 
 OTHER = [2, 40, 41, 42, 43, 44, 45, 46, 47, 48]
+
+
+@pytest.fixture(autouse=True)
+def steps_always_draft(monkeypatch):
+    """The structure tests want every step with a draft to verify, however it is timed."""
+    monkeypatch.setattr(batching, "Pace", AlwaysDraft)
 
 
 @pytest.fixture
@@ -122,3 +130,23 @@ def test_the_server_speculates_with_lookup_and_predictions_and_counts_it(tiny_en
     assert details["accepted_prediction_tokens"] + details["rejected_prediction_tokens"] == len(tiny_engine.tokenizer.encode(plain.text, bos=False))
     accepted = [line for line in metrics.splitlines() if line.startswith("gemmalite:spec_decode_num_accepted_tokens_total")]
     assert accepted and float(accepted[0].split()[-1]) >= 4
+
+
+def test_the_scheduler_pauses_drafting_while_verifying_is_slower(tiny_engine, monkeypatch):
+    """With the real Pace, and verification steps made to look 100x slower, the scheduler drafts
+    less and less often; the request still gets plain decoding's tokens."""
+    steps = []
+
+    class SlowVerification(Pace):
+        def record(self, speculative, seconds, tokens):
+            steps.append(speculative)
+            super().record(speculative, seconds * (100 if speculative else 1), tokens)
+
+    monkeypatch.setattr(batching, "Pace", SlowVerification)
+    scheduler = Scheduler(tiny_engine, parallel=2)
+    outcome = submit(scheduler, REPEATING, max_new_tokens=60, ignore_eos=True, speculative="lookup")
+    run(scheduler, outcome)
+    assert outcome.tokens == alone(tiny_engine, REPEATING, max_new_tokens=60, ignore_eos=True)
+    drafting = "".join("d" if step else "." for step in steps)
+    gaps = [len(run) for run in drafting.strip(".").split("d") if run]
+    assert drafting.count("d") >= 3 and gaps == sorted(gaps) and drafting.count("d") < len(drafting) // 3, drafting
