@@ -153,7 +153,7 @@ def _message(message, index: int) -> tuple[str, str, list[str]]:
             if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"].strip())
             elif isinstance(part, dict) and part.get("type") == "image_url":
-                images.append(_image_url(part.get("image_url"), f"{where}.content[{j}].image_url"))
+                images.append(_image_url(part.get("image_url"), f"{where}.content[{j}].image_url", f"{where}.content"))
                 texts.append(MARKER)
             else:
                 raise APIError(
@@ -165,11 +165,11 @@ def _message(message, index: int) -> tuple[str, str, list[str]]:
     return ROLES[role], content, images
 
 
-def _image_url(image_url, where: str) -> str:
+def _image_url(image_url, where: str, param: str) -> str:
     """The URL of an image_url part (read later, by the server's ImageSources)."""
     url = image_url.get("url") if isinstance(image_url, dict) else image_url
     if not isinstance(url, str):
-        raise APIError(400, f"{where} must be {{url: ...}}, e.g. a data:image/png;base64,... URL", param=where)
+        raise APIError(400, f"{where} must be {{url: ...}}, e.g. a data:image/png;base64,... URL", param=param)
     return url
 
 
