@@ -8,10 +8,9 @@ import pytest
 
 from gemmalite import batching
 from gemmalite.batching import Scheduler
-from gemmalite.speculative import Pace
 
 from test_batching import run, submit
-from test_speculative import PENALIZED, REPEATING, SAMPLED, AlwaysDraft
+from test_speculative import PENALIZED, REPEATING, SAMPLED, AlwaysDraft, assert_growing_pauses, slow_pace
 
 OTHER = [2, 40, 41, 42, 43, 44, 45, 46, 47, 48]
 
@@ -136,17 +135,9 @@ def test_the_scheduler_pauses_drafting_while_verifying_is_slower(tiny_engine, mo
     """With the real Pace, and verification steps made to look 100x slower, the scheduler drafts
     less and less often; the request still gets plain decoding's tokens."""
     steps = []
-
-    class SlowVerification(Pace):
-        def record(self, speculative, seconds, tokens):
-            steps.append(speculative)
-            super().record(speculative, seconds * (100 if speculative else 1), tokens)
-
-    monkeypatch.setattr(batching, "Pace", SlowVerification)
+    monkeypatch.setattr(batching, "Pace", slow_pace(steps))
     scheduler = Scheduler(tiny_engine, parallel=2)
     outcome = submit(scheduler, REPEATING, max_new_tokens=60, ignore_eos=True, speculative="lookup")
     run(scheduler, outcome)
     assert outcome.tokens == alone(tiny_engine, REPEATING, max_new_tokens=60, ignore_eos=True)
-    drafting = "".join("d" if step else "." for step in steps)
-    gaps = [len(run) for run in drafting.strip(".").split("d") if run]
-    assert drafting.count("d") >= 3 and gaps == sorted(gaps) and drafting.count("d") < len(drafting) // 3, drafting
+    assert_growing_pauses(steps)

@@ -259,19 +259,29 @@ def test_pace_pauses_drafting_while_rounds_are_slower_than_plain_steps():
     assert pace.losses == 0 and pace.allows()
 
 
+def slow_pace(log: list):
+    """A Pace that sees drafting rounds as 100x slower than they were, and logs which rounds drafted."""
+
+    class SlowDrafting(Pace):
+        def record(self, speculative, seconds, tokens):
+            log.append(speculative)
+            super().record(speculative, seconds * (100 if speculative else 1), tokens)
+
+    return SlowDrafting
+
+
+def assert_growing_pauses(log: list) -> None:
+    """Drafting came back after each pause, the pauses grew, and most rounds did not draft."""
+    drafting = "".join("d" if r else "." for r in log)
+    gaps = [len(run) for run in drafting.strip(".").split("d") if run]
+    assert drafting.count("d") >= 3 and gaps == sorted(gaps) and drafting.count("d") < len(drafting) // 3, drafting
+
+
 def test_a_paced_call_still_gives_plain_decodings_tokens(drafted, monkeypatch):
     """With the real Pace, and drafting rounds made to look 100x slower, drafting pauses and
     resumes mid-call: the tokens are still plain decoding's."""
     rounds = []
-
-    class SlowRounds(Pace):
-        def record(self, speculative, seconds, tokens):
-            rounds.append(speculative)
-            super().record(speculative, seconds * (100 if speculative else 1), tokens)
-
-    monkeypatch.setattr(speculative, "Pace", SlowRounds)
+    monkeypatch.setattr(speculative, "Pace", slow_pace(rounds))
     plain, spec, stats = plain_and_speculative(drafted, [REPEATING], max_new_tokens=60, ignore_eos=True, speculative="lookup")
     assert spec[0].token_ids == plain[0].token_ids
-    drafting = "".join("d" if r else "." for r in rounds)
-    gaps = [len(run) for run in drafting.strip(".").split("d") if run]
-    assert drafting.count("d") >= 3 and gaps == sorted(gaps) and drafting.count("d") < len(drafting) // 3, drafting
+    assert_growing_pauses(rounds)
