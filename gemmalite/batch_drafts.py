@@ -24,7 +24,7 @@ after rejections, so a request whose text does not repeat pays for few verificat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .drafts import PredictionDrafter, lookup_draft
 from .speculative import Budget, Plan, plan, verify
@@ -32,13 +32,11 @@ from .speculative import Budget, Plan, plan, verify
 
 @dataclass
 class RowSpeculation:
-    """One request's speculation: how it drafts, how many tokens next, and its counts."""
+    """One request's speculation: how it drafts, and how many tokens next."""
 
     plan: Plan
     budget: Budget
     predictor: PredictionDrafter | None
-    drafted: int = 0
-    accepted: int = 0
 
     @classmethod
     def of(cls, engine, options) -> "RowSpeculation | None":
@@ -58,7 +56,6 @@ class DraftCounts:
     rounds: int = 0  # verification forwards
     drafted: int = 0
     accepted: int = 0
-    by_size: dict = field(default_factory=dict)
 
 
 class BatchDrafts:
@@ -90,7 +87,7 @@ class BatchDrafts:
                 drafts[s.row] = lookup_draft(context, k)
         return drafts if any(drafts) else None
 
-    def _verify(self, rows, size, cache, tokens, active, drafts, sampler, penalties, kind, with_logprobs):
+    def _verify(self, rows, cache, tokens, active, drafts, sampler, penalties, kind, with_logprobs):
         """One verification forward; per row its emitted tokens and their (logprob, values, ids)."""
         width = max(s.speculation.plan.width for s in rows if s.speculation is not None)
         _, _, emitted, chosen, accepted = verify(
@@ -99,13 +96,10 @@ class BatchDrafts:
         self.cache.high = max(self.cache.lengths.tolist())  # rows were rewound: the books follow
         counts = self.draft_counts
         counts.rounds += 1
-        counts.by_size[size] = counts.by_size.get(size, 0) + 1
         for s in rows:
             proposed = len(drafts[s.row])
             if proposed:
                 s.speculation.budget.record(proposed, accepted[s.row])
-                s.speculation.drafted += proposed
-                s.speculation.accepted += accepted[s.row]
                 counts.drafted += proposed
                 counts.accepted += accepted[s.row]
         if chosen is not None:

@@ -43,7 +43,6 @@ from collections.abc import Sequence
 import torch
 
 from .batch_drafts import BatchDrafts, DraftCounts, RowSpeculation
-from .speculative import Pace
 from .completion import RowResult
 from .errors import ContextLengthError, GemmaliteError, InvalidArgumentError, QueueFullError
 from .grammar import Guide
@@ -61,8 +60,7 @@ from .sampling import (
     set_penalties,
 )
 from .slots import Request, Slot
-
-
+from .speculative import Pace
 
 
 class Scheduler(Placement, BatchDrafts):
@@ -304,7 +302,7 @@ class Scheduler(Placement, BatchDrafts):
             drafts = self._drafts(rows, size)
             with torch.no_grad(), self.runner.lock:
                 if drafts is not None:  # a verification forward (batch_drafts.py)
-                    emitted, chosen = self._verify(rows, size, cache, tokens, active, drafts, sampler, penalties, kind, with_logprobs)
+                    emitted, chosen = self._verify(rows, cache, tokens, active, drafts, sampler, penalties, kind, with_logprobs)
                 else:
                     allowed = self.guide.allowed()[:size] if guided else None
                     step = self.runner.step(cache, tokens, active, sampler, penalties, self.eos, kind, with_logprobs, allowed)

@@ -152,7 +152,7 @@ def generate(
     produced = 0  # tokens each row has produced so far (one per step)
     # What each row will hold once its tokens are fed: what it held, its prompt, its reply.
     transcripts = [None if t is None else t + p for t, p in zip(cache.tokens, prompts)]
-    width = 0 if speculation is None else speculation.width  # a speculative call also needs its verification
+    width = 0 if speculation is None else speculation.plan.width  # a speculative call also needs its verification
     kernels = runner.kernels(batch, kind, with_logprobs, guide is not None, width) if images is None else None
     prompts = _same_kernels(runner, cache, prompts, transcripts, kernels, stats)
     prefilled = False

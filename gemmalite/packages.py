@@ -140,12 +140,12 @@ def example_args(runner, graph: Graph) -> tuple:
     from .sampling import GREEDY, SamplingSettings, penalties, sampler_state
 
     B, device = graph.batch, runner.device
-    if graph.name == "prefill":
-        shortest, longest = runner.chunk_lengths(B)
-        length = shortest if shortest == longest else 2 * TILE  # one tile would be traced as a constant
+    if graph.name in ("prefill", "verify"):  # a chunk of ids [B, T] and each row's count of new ones
+        length = graph.width
+        if graph.name == "prefill":
+            shortest, longest = runner.chunk_lengths(B)
+            length = shortest if shortest == longest else 2 * TILE  # one tile would be traced as a constant
         return torch.zeros(B, length, dtype=torch.long, device=device), torch.ones(B, dtype=torch.long, device=device)
-    if graph.name == "verify":
-        return torch.zeros(B, graph.width, dtype=torch.long, device=device), torch.ones(B, dtype=torch.long, device=device)
     vocab = runner.config.vocab_size
     settings = SamplingSettings(temperature=1.0, seed=0)
     sampler = None if graph.kind == GREEDY else sampler_state(settings, B, device)

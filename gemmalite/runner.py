@@ -213,10 +213,10 @@ class Runner:
         the compile cache holds them all; None: the call runs eagerly (and the missing ones are wanted)."""
         return None if self.packages is None else self.packages.kernels(batch_size, kind, with_logprobs, masked, width)
 
-    def kernels_name(self, batch_size: int, kind: str, with_logprobs: bool, masked: bool, plain: bool, width: int = 0) -> str:
+    def kernels_name(self, batch_size: int, kind: str, with_logprobs: bool, masked: bool, packable: bool, width: int = 0) -> str:
         """Which kernels a call of this shape runs: "packaged" when `kernels` has them (and the call
-        is one packages can run: no images), else this runner's own."""
-        if plain and self.kernels(batch_size, kind, with_logprobs, masked, width) is not None:
+        is `packable`: it has no images), else this runner's own."""
+        if packable and self.kernels(batch_size, kind, with_logprobs, masked, width) is not None:
             return "packaged"
         return self.kernel_name
 

@@ -238,10 +238,6 @@ class Speculation:
                     drafts[row] = d
         return drafts
 
-    @property
-    def width(self) -> int:
-        return self.plan.width
-
     def decode(self, runner, cache, tokens, active, sampler, penalty, eos_ids, kind, top_logprobs, rows, transcripts, stats, make_block, kernels=None):
         """Yield a block per round until every row is done (the loop's `rows` keeps the books).
         `kernels`: the call's packaged steps and verification (Runner.kernels), or None."""
@@ -263,7 +259,7 @@ class Speculation:
                 with torch.no_grad(), runner.lock:
                     if any(drafts):
                         tokens, active, emitted, chosen, accepted = verify(
-                            runner, cache, tokens, active, drafts, self.width,
+                            runner, cache, tokens, active, drafts, self.plan.width,
                             sampler, penalty, eos_ids, kind, top_logprobs is not None, kernels,
                         )
                     else:

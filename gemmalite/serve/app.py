@@ -72,8 +72,7 @@ def create_app(
     `timeout`: seconds a generation may take in all. `log_format`: "text", "json" or None (no log).
     `image_sources`: where image_url parts may come from besides data: URLs (see media.py).
     """
-    api = API(model, defaults or GenerationOptions(), timeout=timeout, keepalive_s=keepalive_s)
-    api.image_sources = image_sources or protocol.DATA_ONLY
+    api = API(model, defaults or GenerationOptions(), timeout=timeout, keepalive_s=keepalive_s, image_sources=image_sources)
     if engine is not None:
         api.ready(engine, scheduler)
     routes = [
@@ -125,14 +124,15 @@ async def http_error(request, exc: HTTPException) -> JSONResponse:
 
 
 class API:
-    def __init__(self, model: str, defaults: GenerationOptions, *, timeout: float | None, keepalive_s: float):
+    def __init__(self, model: str, defaults: GenerationOptions, *, timeout: float | None, keepalive_s: float,
+                 image_sources: ImageSources | None = None):  # fmt: skip
         from .metrics import Metrics  # prometheus_client: part of the serve extra
 
         self.engine, self.scheduler = None, None
         self.model_name, self.defaults, self.timeout, self.keepalive_s = model, defaults, timeout, keepalive_s
         self.created = int(time.time())
         self.state = "loading"
-        self.image_sources = protocol.DATA_ONLY
+        self.image_sources = image_sources or protocol.DATA_ONLY
         self.metrics = Metrics(model)
 
     def ready(self, engine, scheduler: Scheduler) -> None:

@@ -74,6 +74,7 @@ def parse_json(raw: bytes) -> dict:
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a number JSON allows")
 
+
 DATA_ONLY = ImageSources()  # what a server allows unless its operator says more
 
 
