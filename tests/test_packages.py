@@ -201,7 +201,7 @@ def test_a_corrupt_or_foreign_entry_is_announced_deleted_and_rebuilt(small, buil
         assert {g.name for g in again.runner.packages.loaded} == {"prefill", "decode"}
 
 
-def test_bf16_packaged_replies_are_the_same_fresh_reused_and_after_eager_calls(small, root):
+def test_bf16_packaged_replies_are_the_same_fresh_reused_and_after_eager_calls(small, root, tmp_path):
     engine = cached(small, dtype="bfloat16")
     for graph in (Graph("prefill", 1), SORTED_WITH_LOGPROBS):
         build(engine.runner, graph, root)
@@ -218,6 +218,17 @@ def test_bf16_packaged_replies_are_the_same_fresh_reused_and_after_eager_calls(s
     assert reused.usage.cached_tokens > 0
     alone = fresh_call(engine, longer, seed=5, **SAMPLED)
     assert reused.token_ids == alone.token_ids and reused.top_logprobs == alone.top_logprobs
+
+    # Another engine of the same shapes in this process, with other weights: where bf16 weights
+    # are packed for oneDNN, they sit under other keys than those the packages were built with.
+    other = make_checkpoint(tmp_path / "other", seed=7, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+    packaged, plain = (gemmalite.load(other[0], dtype="bfloat16", compile=c, max_seq_len=1024, rewind_margin=MARGIN) for c in ("cached", False))
+    mine = packaged.complete(transcript, seed=4, **SAMPLED)
+    assert packaged.runner._idle[0].kernels == "packaged"
+    expected = plain.complete(transcript, seed=4, **SAMPLED)  # eager bf16: the same weights, other kernels
+    assert mine.token_ids[:4] == expected.token_ids[:4]
+    chosen, chosen_eagerly = (torch.tensor([top[0][1] for top in c.top_logprobs[:4]]) for c in (mine, expected))
+    torch.testing.assert_close(chosen, chosen_eagerly, atol=0.05, rtol=0)
 
 
 def test_a_cache_that_cannot_be_written_leaves_calls_eager_with_a_notice(small, small_engine, tmp_path):
