@@ -17,9 +17,11 @@ from collections.abc import Sequence
 import torch
 
 from .sampling import SamplingSettings, penalties
+from .shortlist import ShortlistHead
 
 LOOKUP_NGRAM = 3  # the longest n-gram prompt lookup matches (then shorter ones)
 PREDICTION_NGRAM = 8  # a prediction is matched on longer n-grams: it is long and close to the reply
+CATCH_UP_STEPS = 3  # a draft model feeds this many new tokens or fewer through decode steps, not a prefill
 
 
 def add_prediction_usage(usage, prediction: Sequence[int] | None, reply: Sequence[int]) -> None:
@@ -100,14 +102,14 @@ class ModelDrafter:
         # Its packaged prefill and steps when the compile cache has them: a draft only proposes,
         # so which kernels it runs changes how often it is right, never the output.
         self.kernels = self.runner.kernels(batch_size, kind, False, False)
+        head = getattr(self.runner.model.embed_tokens, "head", None)
+        self.shortlist = head if isinstance(head, ShortlistHead) else None  # gets the transcripts' own tokens
 
     def close(self) -> None:
         self.runner.checkin(self.cache)
 
     def draft(self, contexts: list[Sequence[int] | None], budgets: list[int]) -> list[list[int]]:
         """Up to budgets[row] tokens for each row whose whole transcript (`contexts[row]`) is known."""
-        from .runner import choose
-
         cache, batch = self.cache, len(contexts)
         feeds: list[list[int]] = [[] for _ in range(batch)]
         for row, (context, k) in enumerate(zip(contexts, budgets)):
@@ -126,8 +128,9 @@ class ModelDrafter:
             return [[] for _ in range(batch)]
         drafts: list[list[int]] = [[] for _ in range(batch)]
         with torch.no_grad(), self.runner.lock:
-            logits = self.runner.prefill(cache, feeds, None, self.kernels)
-            tokens = choose(logits, self.sampler, self.neutral, cache.lengths, self.kind)
+            if self.shortlist is not None:
+                self.shortlist.include(token for feed in feeds for token in feed)
+            tokens = self._catch_up(feeds, budgets)
             for step in range(1, max(budgets) + 1):
                 ids = tokens.tolist()
                 for row, k in enumerate(budgets):
@@ -144,3 +147,27 @@ class ModelDrafter:
                     if k > step:
                         cache.tokens[row].append(fed[row])
         return drafts
+
+    def _catch_up(self, feeds: list[list[int]], budgets: list[int]) -> torch.Tensor:
+        """Feed each drafting row its new tokens; each row's first draft token [B].
+
+        After a verification a row has one or two new tokens (the target's own choice, and the
+        last draft when all were kept): when every drafting row has the same few, they go through
+        decode steps, as a packaged prefill chunk is a whole tile (16 tokens) wide."""
+        from .runner import choose
+
+        cache, device = self.cache, self.runner.device
+        fed = {len(feed) for feed, k in zip(feeds, budgets) if k}
+        if len(fed) != 1 or not 0 < (count := fed.pop()) <= CATCH_UP_STEPS:
+            logits = self.runner.prefill(cache, feeds, None, self.kernels)
+            return choose(logits, self.sampler, self.neutral, cache.lengths, self.kind)
+        going = torch.tensor([k > 0 for k in budgets], device=device)
+        for i in range(count):
+            tokens = torch.tensor([feed[i] if k else 0 for feed, k in zip(feeds, budgets)], device=device)
+            tokens, _, _ = self.runner.step(
+                cache, tokens, going, self.sampler, self.neutral, self.no_eos, self.kind, False, None, self.kernels
+            )
+            for row, k in enumerate(budgets):
+                if k and cache.tokens[row] is not None:
+                    cache.tokens[row].append(feeds[row][i])
+        return tokens

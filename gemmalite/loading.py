@@ -17,6 +17,7 @@ from .model import Gemma3, checkpoint_shapes, pack_weights
 from .packages import cache_dir
 from .packing import can_pack, pack_for_cpu
 from .sampling import SamplingSettings
+from .shortlist import DEFAULT_SHORTLIST, shortlist_head
 from .tokenizer import Tokenizer
 from .weights import Checkpoint, load_state_dict, read_checkpoint, resolve
 
@@ -84,6 +85,7 @@ def load(
     reuse_prompts: bool = True,
     draft: "str | os.PathLike | Engine | None" = None,
     vision: bool = True,
+    shortlist: int | None = None,
 ) -> Engine:
     """Load a Gemma 3 checkpoint (local dir, .gguf file or Hub repo id) into an Engine.
 
@@ -92,7 +94,10 @@ def load(
     slots beyond its window); see cache.py. reuse_prompts: keep each call's cache, so that a
     later prompt that starts with the same tokens prefills only the rest. draft: a smaller
     model with the same tokenizer (a source, loaded like this one, or an Engine such as an int8
-    one) that drafts tokens for speculative decoding; see speculative.py. vision: build the
+    one) that drafts tokens for speculative decoding; see speculative.py. A draft loaded from a
+    source scores only the DEFAULT_SHORTLIST likeliest tokens (see shortlist.py); to choose, load
+    it yourself with shortlist=N, or None for its whole head. shortlist: an output head over N
+    tokens, -inf for the rest, for an engine that drafts (alone it could never write the others). vision: build the
     image tower when the checkpoint has one (False saves its memory; the engine then takes no images).
     compile: True compiles prefill and the decode step with torch.compile in this process (CUDA's
     default: CUDA graphs); "cached" runs them from packages compiled once per machine and kept on
@@ -131,9 +136,14 @@ def load(
     if checkpoint.tokenizer_file:
         tokenizer = Tokenizer(checkpoint.tokenizer_file, bos_id=checkpoint.config.bos_token_id)
         tokenizer.check_against(checkpoint.config)
+    if shortlist is not None:
+        shortlist_head(model, tokenizer, shortlist)
     defaults, extra_eos = generation_defaults(checkpoint)
     if draft is not None and not isinstance(draft, Engine):
-        draft = load(draft, device=device, dtype=dtype, compile=compile, max_seq_len=max_seq_len, rewind_margin=rewind_margin)
+        draft = load(
+            draft, device=device, dtype=dtype, compile=compile, max_seq_len=max_seq_len, rewind_margin=rewind_margin,
+            shortlist=DEFAULT_SHORTLIST,
+        )  # fmt: skip
     engine = Engine(
         model,
         tokenizer,
@@ -153,6 +163,7 @@ def load(
         engine.runner.packages.recipe = {
             "source": str(Path(resolved).resolve()), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "max_seq_len": max_seq_len, "quantize": quantize, "rewind_margin": rewind_margin,
+            "shortlist": shortlist,
         }  # fmt: skip
     return engine
 

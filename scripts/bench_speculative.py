@@ -5,7 +5,8 @@
     python scripts/bench_speculative.py --new-tokens 64 --json out.json
 
 One process, one run of each, side by side: for every task, plain greedy decoding, prompt
-lookup, and the int8 270M drafting for the bf16 270M; for the code edit also prediction= (the
+lookup, and the int8 270M drafting for the bf16 270M, with its head shortlisted (the default for
+a draft, see gemmalite/shortlist.py) and whole; for the code edit also prediction= (the
 original code). Each speculative output is compared with plain decoding's, token for token: in
 bfloat16 a verification chunk can round differently from single steps, so the table says how
 often (and where) they part.
@@ -79,20 +80,24 @@ def run(engine, prompt: str, new_tokens: int, **options) -> dict:
     }
 
 
-def prepare(target, draft, k: dict) -> None:
+def prepare(targets, drafts, k: dict) -> None:
     """Run each mode briefly, so that the engines want their graphs, and build them here."""
     from gemmalite.builder import build
 
-    for options in (dict(speculative="off"), dict(speculative="lookup", **k), dict(speculative="draft", **k),
-                    dict(prediction=CODE, **k)):  # fmt: skip
-        target.complete(TASKS["code edit"], max_new_tokens=4, ignore_eos=True, **options)
-    draft.complete(TASKS["code edit"], max_new_tokens=4, ignore_eos=True)
-    for engine in (target, draft):
+    for target in targets:
+        for options in (dict(speculative="off"), dict(speculative="lookup", **k), dict(speculative="draft", **k),
+                        dict(prediction=CODE, **k)):  # fmt: skip
+            target.complete(TASKS["code edit"], max_new_tokens=4, ignore_eos=True, **options)
+    for draft in drafts:
+        draft.complete(TASKS["code edit"], max_new_tokens=4, ignore_eos=True)
+    for engine in (*targets, *drafts):
         packages = engine.runner.packages
         for graph in sorted(packages.wanted, key=str):
+            if (packages.root / f"{packages.name(graph)}.pt2").exists():
+                continue  # built for another engine on the same model (the two targets share theirs)
             started = time.perf_counter()
             build(engine.runner, graph, packages.root)
-            print(f"built {graph.describe()} for {engine.dtype}{' int8' if engine is draft else ''} in "
+            print(f"built {graph.describe()} for {engine.dtype}{' int8' if engine in drafts else ''} in "
                   f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         packages.wanted.clear()
 
@@ -124,31 +129,40 @@ def main(argv=None) -> None:
 
         source = default_gguf_path()
     compile = "cached" if args.compile == "cached" else False
-    draft = gemmalite.load(source, quantize="int8", compile=compile)
-    target = gemmalite.load(source, draft=draft, compile=compile)  # bf16 and the compile cache: the CPU defaults
+    from gemmalite.loading import draft_shortlist
+
+    whole = gemmalite.load(source, quantize="int8", compile=compile)  # drafts with its whole head, and decodes alone
+    shortlisted = gemmalite.load(source, quantize="int8", compile=compile, shortlist=draft_shortlist(whole.config.vocab_size))
+    target = gemmalite.load(source, draft=shortlisted, compile=compile)  # bf16 and the compile cache: the CPU defaults
+    target_whole = gemmalite.Engine(
+        target.model, target.tokenizer, device=target.device, dtype=target.dtype, compile=target.compile,
+        max_seq_len=target.max_seq_len, defaults=target.defaults, eos_ids=target.eos_ids, draft=whole,
+    )  # the same target model and graphs, drafted for by the whole head
     k = {} if args.draft_tokens is None else {"num_draft_tokens": args.draft_tokens}
     if args.prepare:
-        return prepare(target, draft, k)
-    target.complete("warm up", max_new_tokens=4)
-    draft.complete("warm up", max_new_tokens=4)
+        return prepare([target, target_whole], [whole, shortlisted], k)
+    for engine in (target, target_whole, whole, shortlisted):
+        engine.complete("warm up", max_new_tokens=4)
 
     rows = []
     for task in args.tasks:
         prompt = TASKS[task]
         plain = run(target, prompt, args.new_tokens, speculative="off")
-        modes = {"lookup": dict(speculative="lookup", **k), "int8 draft": dict(speculative="draft", **k)}
+        modes = {"lookup": (target, dict(speculative="lookup", **k)),
+                 "int8 draft, shortlisted head": (target, dict(speculative="draft", **k)),
+                 "int8 draft, whole head": (target_whole, dict(speculative="draft", **k))}  # fmt: skip
         if task == "code edit":
-            modes["prediction"] = dict(prediction=CODE.replace("values", "samples"), **k)
+            modes["prediction"] = (target, dict(prediction=CODE.replace("values", "samples"), **k))
         rows.append({"task": task, "mode": "plain", **plain, "speedup": 1.0, "differs_at": None})
-        for mode, options in modes.items():
-            out = run(target, prompt, args.new_tokens, **options)
+        for mode, (engine, options) in modes.items():
+            out = run(engine, prompt, args.new_tokens, **options)
             out["speedup"] = out["tok_s"] / plain["tok_s"] if plain["tok_s"] else None
             out["differs_at"] = first_difference(out["tokens"], plain["tokens"])
             rows.append({"task": task, "mode": mode, **out})
             print(f"{task} / {mode}: {out['speedup']:.2f}x of plain, differs at {out['differs_at']}", file=sys.stderr, flush=True)
         if args.no_int8_alone:
             continue
-        int8_plain = run(draft, prompt, args.new_tokens, speculative="off")
+        int8_plain = run(whole, prompt, args.new_tokens, speculative="off")
         rows.append({"task": task, "mode": "int8 alone (for scale)", **int8_plain, "speedup": int8_plain["tok_s"] / plain["tok_s"],
                      "differs_at": first_difference(int8_plain["tokens"], plain["tokens"])})
 

@@ -67,6 +67,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "(loaded like --model; the output stays the same)",
     )  # fmt: skip
     group.add_argument("--draft-quantize", choices=["int8"], help="load the --draft model with int8 weights")
+    group.add_argument(
+        "--draft-shortlist", type=int, metavar="N",
+        help="the --draft model's head scores only the N likeliest tokens: cheaper drafts, the same output "
+        "(default 32768; 0: its whole head)",
+    )  # fmt: skip
 
 
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
@@ -163,9 +168,12 @@ def load_engine(args: argparse.Namespace):
     started = time.perf_counter()
     draft = None
     if getattr(args, "draft", None):
+        from ..shortlist import DEFAULT_SHORTLIST
+
+        shortlist = DEFAULT_SHORTLIST if args.draft_shortlist is None else args.draft_shortlist or None
         draft = load(
             args.draft, device=args.device, dtype=args.dtype, compile=args.compile, max_seq_len=args.max_seq_len,
-            quantize=args.draft_quantize,
+            quantize=args.draft_quantize, shortlist=shortlist,
         )  # fmt: skip
     engine = load(
         source,
