@@ -1,8 +1,12 @@
-"""Speculative decoding in the scheduler: prompt lookup and predictions, per request.
+"""Speculative decoding in the scheduler: prompt lookup, predictions and a draft model, per request.
 
-A request whose options ask for speculation (the server's `--lookup`, or a request's
-`prediction`) gets a draft at each step, from its own transcript: prompt lookup, or its
-predicted text followed from where its reply last matched. When any row of the step has a
+A request whose options ask for speculation (the server's `--lookup` or `--draft`, or a
+request's `prediction`) gets a draft at each step, from its own transcript: prompt lookup, its
+predicted text followed from where its reply last matched, or the draft model's guesses. The
+draft model drafts for all its rows of a step at once, on a cache per batch size of its own
+that catches up with each row's transcript (drafts.ModelDrafter: what a row shares with what
+that cache row holds is kept, the rest fed anew), so prompt reuse and row moves need nothing
+more; it samples with the rows' own sampler, so its guesses use their noise. When any row of the step has a
 draft, the step is one verification forward of [last token, drafts] for every busy row
 (speculative.verify; a row without drafts feeds its last token alone, as in a decode step), and
 each row keeps its drafts up to the first one its own choice disagrees with. Each request still
@@ -14,9 +18,7 @@ fed past a request's end (a stop token or string, or its budget, inside an accep
 The scheduler paces itself as a call does (speculative.Pace): it times its verification steps
 against its plain ones, per token, and pauses drafting while verifying is slower.
 
-What stays plain: a step with a grammar-constrained row (the mask is a decode step's), and
-draft models (their caches would have to follow every slot's prompt reuse and row moves; the CLI
-and the Python API run them). `Budget` (speculative.py) drafts less, and for a while nothing,
+What stays plain: a step with a grammar-constrained row (the mask is a decode step's). `Budget` (speculative.py) drafts less, and for a while nothing,
 after rejections, so a request whose text does not repeat pays for few verification chunks.
 
 `BatchDrafts` is the part of batching.Scheduler that does this.
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .drafts import PredictionDrafter, lookup_draft
+from .drafts import ModelDrafter, PredictionDrafter, lookup_draft
 from .speculative import Budget, Plan, plan, verify
 
 
@@ -43,8 +45,6 @@ class RowSpeculation:
         chosen = plan(engine, options)  # checked: bad values are the request's error, before it takes a slot
         if chosen is None:
             return None
-        if chosen.source == "draft" or chosen.fallback == "draft":
-            return None  # no draft model in the scheduler (see the module doc): decoded plainly
         predictor = PredictionDrafter(chosen.prediction, 1) if chosen.source == "prediction" else None
         return cls(chosen, Budget(chosen.num_draft_tokens), predictor)
 
@@ -61,13 +61,15 @@ class DraftCounts:
 class BatchDrafts:
     """Drafting and verifying for the scheduler's busy rows (see the module doc)."""
 
-    def _drafts(self, rows, size: int) -> list[list[int]] | None:
+    def _drafts(self, rows, size: int, sampler, kind: str) -> list[list[int]] | None:
         """Each of the step's `size` rows' drafts, or None when no row drafts (a plain step)."""
         if any(s.row in self.guide.rows for s in rows) or all(s.speculation is None for s in rows):
             return None
         if not self.pace.allows():
             return None
         drafts = [[] for _ in range(size)]
+        modelled: list = [None] * size  # the rows the draft model drafts for: their transcripts
+        budgets = [0] * size
         for s in rows:
             spec, books = s.speculation, self.cache.tokens[s.row]
             if spec is None or books is None:
@@ -81,10 +83,20 @@ class BatchDrafts:
             if spec.predictor is not None:
                 reply = context[len(context) - s.produced :] if s.produced else []
                 drafts[s.row] = spec.predictor.draft(0, reply, k)
-                if not drafts[s.row] and spec.plan.fallback == "lookup":
-                    drafts[s.row] = lookup_draft(context, k)
+                fallback = spec.plan.fallback if not drafts[s.row] else "off"
             else:
+                fallback = spec.plan.source
+            if fallback == "lookup":
                 drafts[s.row] = lookup_draft(context, k)
+            elif fallback == "draft":
+                modelled[s.row], budgets[s.row] = context, k
+        if any(budgets):
+            drafter = self.drafters.get(size)
+            if drafter is None:
+                drafter = self.drafters[size] = ModelDrafter(self.engine.draft, size, sampler, kind)
+            drafter.follow(sampler, kind)
+            for row, draft in enumerate(drafter.draft(modelled, budgets)):
+                drafts[row] = drafts[row] or draft
         return drafts if any(drafts) else None
 
     def _verify(self, rows, cache, tokens, active, drafts, sampler, penalties, kind, with_logprobs):

@@ -91,6 +91,7 @@ class Scheduler(Placement, BatchDrafts):
         self.decode_steps: Counter[int] = Counter()  # steps run, by batch size (the server's metrics read it)
         self.draft_counts = DraftCounts()  # speculative rounds (batch_drafts.py)
         self.pace = Pace()  # whether verifying pays, timed (batch_drafts.py)
+        self.drafters: dict = {}  # batch size -> the draft model's ModelDrafter (batch_drafts.py)
         self.guide = Guide(parallel, engine.grammars.words, device)  # per-request json_schema/regex/grammar
         self._waiting: deque[Request] = deque()
         self._filling: Slot | None = None  # the slot whose prompt is in the staging cache
@@ -299,7 +300,7 @@ class Scheduler(Placement, BatchDrafts):
             cache.high = self.cache.high
             guided = any(s.row in self.guide.rows for s in rows)
             started = time.perf_counter()
-            drafts = self._drafts(rows, size)
+            drafts = self._drafts(rows, size, sampler, kind)
             with torch.no_grad(), self.runner.lock:
                 if drafts is not None:  # a verification forward (batch_drafts.py)
                     emitted, chosen = self._verify(rows, cache, tokens, active, drafts, sampler, penalties, kind, with_logprobs)

@@ -108,6 +108,12 @@ class ModelDrafter:
     def close(self) -> None:
         self.runner.checkin(self.cache)
 
+    def follow(self, sampler, kind: str) -> None:
+        """Draft with this sampler and kind from now on (the scheduler's, which change per step)."""
+        if sampler is not self.sampler or kind != self.kind:
+            self.sampler, self.kind = sampler, kind
+            self.kernels = self.runner.kernels(len(self.cache.tokens), kind, False, False)
+
     def draft(self, contexts: list[Sequence[int] | None], budgets: list[int]) -> list[list[int]]:
         """Up to budgets[row] tokens for each row whose whole transcript (`contexts[row]`) is known."""
         cache, batch = self.cache, len(contexts)

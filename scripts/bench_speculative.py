@@ -129,10 +129,10 @@ def main(argv=None) -> None:
 
         source = default_gguf_path()
     compile = "cached" if args.compile == "cached" else False
-    from gemmalite.loading import draft_shortlist
+    from gemmalite.shortlist import DEFAULT_SHORTLIST
 
     whole = gemmalite.load(source, quantize="int8", compile=compile)  # drafts with its whole head, and decodes alone
-    shortlisted = gemmalite.load(source, quantize="int8", compile=compile, shortlist=draft_shortlist(whole.config.vocab_size))
+    shortlisted = gemmalite.load(source, quantize="int8", compile=compile, shortlist=DEFAULT_SHORTLIST)
     target = gemmalite.load(source, draft=shortlisted, compile=compile)  # bf16 and the compile cache: the CPU defaults
     target_whole = gemmalite.Engine(
         target.model, target.tokenizer, device=target.device, dtype=target.dtype, compile=target.compile,

@@ -1,5 +1,5 @@
-"""Speculative decoding in the scheduler (batch_drafts.py): requests that draft, by prompt lookup
-or a prediction, get exactly what they get alone decoding plainly, batched with others that do
+"""Speculative decoding in the scheduler (batch_drafts.py): requests that draft, by prompt lookup,
+a prediction or a draft model, get exactly what they get alone decoding plainly, batched with others that do
 not, and the cache's books stay exact when a request ends inside an accepted run."""
 
 from __future__ import annotations
@@ -141,3 +141,65 @@ def test_the_scheduler_pauses_drafting_while_verifying_is_slower(tiny_engine, mo
     run(scheduler, outcome)
     assert outcome.tokens == alone(tiny_engine, REPEATING, max_new_tokens=60, ignore_eos=True)
     assert_growing_pauses(steps)
+
+
+@pytest.fixture(scope="module", params=["itself", "other weights"])
+def model_drafted(request, tiny_engine, tmp_path_factory):
+    """The tiny model with a draft model: itself (every draft right) or other random weights (few right)."""
+    import gemmalite
+    from conftest import MARGIN, make_checkpoint
+    from test_speculative import engine_like
+
+    if request.param == "itself":
+        return engine_like(tiny_engine, draft=engine_like(tiny_engine))
+    other = make_checkpoint(tmp_path_factory.mktemp("other_draft"), seed=1)[0]
+    return engine_like(tiny_engine, draft=gemmalite.load(other, dtype="float32", compile=False, max_seq_len=1024, rewind_margin=MARGIN))
+
+
+def test_a_draft_model_drafts_for_batched_requests_and_each_gets_what_it_gets_alone(model_drafted):
+    """Rows drafting with the model, greedy, sampled and penalized, beside a plain one; then the
+    same slots again with longer prompts (reused prefixes, the draft's cache catching up), and
+    steps of several batch sizes as requests end."""
+    scheduler = Scheduler(model_drafted, parallel=4, max_queue=8)
+    cases = [(REPEATING, {}, 24), (OTHER, SAMPLED, 12), (OTHER, {}, 18), (REPEATING, {**SAMPLED, **PENALIZED}, 30)]
+    for extra in ([], [7, 8, 9]):
+        outcomes = [
+            submit(scheduler, prompt + extra, max_new_tokens=n, ignore_eos=True, speculative="off" if i == 2 else "draft", **options)
+            for i, (prompt, options, n) in enumerate(cases)
+        ]
+        run(scheduler, *outcomes)
+        expected = [alone(model_drafted, prompt + extra, max_new_tokens=n, ignore_eos=True, **options) for prompt, options, n in cases]
+        assert [o.tokens for o in outcomes] == expected
+        assert books_match(scheduler)
+    assert scheduler.draft_counts.drafted > 0 and set(scheduler.drafters) >= {4}
+    if model_drafted.draft.model is model_drafted.model:  # drafting for itself: its greedy drafts are all right
+        assert scheduler.draft_counts.accepted > 0
+
+
+def test_a_server_started_with_a_draft_model_drafts_with_it_and_replies_as_plain_decoding(tiny, tiny_engine):
+    """`gemmalite serve --draft` (an int8 draft with a shortlisted head): replies equal plain
+    decoding, greedy and seeded, and /metrics counts the model's drafts."""
+    import re
+
+    import httpx
+
+    from conftest import launch_server
+
+    proc, log, started, _ = launch_server(
+        tiny[0], "--dtype", "float32", "--draft", str(tiny[0]), "--draft-quantize", "int8", "--draft-shortlist", "96"
+    )
+    try:
+        assert started.wait(120) and proc.poll() is None, "".join(log)
+        url = re.search(r"(http://[\d.]+:\d+)/v1", "".join(log)).group(1)
+        text = "ab ab ab ab ab ab"
+        for sampling in ({"temperature": 0}, {"temperature": 0.9, "top_p": 0.9, "seed": 7}):
+            body = {"prompt": text, "max_tokens": 16, "ignore_eos": True, **sampling}
+            reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+            plain = tiny_engine.complete(text, max_new_tokens=16, ignore_eos=True, speculative="off", **sampling)
+            assert reply["choices"][0]["text"] == plain.text
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    finally:
+        proc.kill()
+        proc.wait()
+    drafted = [line for line in metrics.splitlines() if line.startswith("gemmalite:spec_decode_num_draft_tokens_total")]
+    assert drafted and float(drafted[0].split()[-1]) > 0

@@ -20,7 +20,6 @@ import argparse
 import os
 import socket
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 from ..errors import InvalidArgumentError, MissingExtraError
@@ -150,12 +149,6 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"--port must be in [0, 65535], got {args.port}")
     key = api_key(args)
     sources = image_sources(args)
-    if args.draft is not None or defaults.speculative == "draft":
-        # Said once, at start: requests still get exactly the tokens they would get with a draft.
-        note(f"{PROG}: the server drafts by prompt lookup (--lookup) and with a request's prediction; a draft "
-             "model (--draft) runs in the CLI and the Python API only, so it is not loaded here")  # fmt: skip
-        defaults = replace(defaults, speculative=None if defaults.speculative == "draft" else defaults.speculative)
-        args.draft = None
     sock = listen(args.host, args.port)  # before loading: a port in use fails at once
     try:
         return serve(args, uvicorn, sock, defaults, key, sources)

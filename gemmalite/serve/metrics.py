@@ -35,7 +35,7 @@ class Metrics:
         gauge("num_slots", "Slots: requests decoded together (--parallel).", lambda s: s.parallel)
         for name, doc, read in (
             ("spec_decode_num_drafts", "Speculative verification forwards run.", lambda c: c.rounds),
-            ("spec_decode_num_draft_tokens", "Tokens drafted (prompt lookup, predictions).", lambda c: c.drafted),
+            ("spec_decode_num_draft_tokens", "Tokens drafted (prompt lookup, predictions, a draft model).", lambda c: c.drafted),
             ("spec_decode_num_accepted_tokens", "Drafted tokens accepted.", lambda c: c.accepted),
         ):
             r.register(SchedulerCount(self, name, doc, read))
