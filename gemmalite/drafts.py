@@ -21,7 +21,7 @@ from .shortlist import ShortlistHead
 
 LOOKUP_NGRAM = 3  # the longest n-gram prompt lookup matches (then shorter ones)
 PREDICTION_NGRAM = 8  # a prediction is matched on longer n-grams: it is long and close to the reply
-CATCH_UP_STEPS = 3  # a draft model feeds this many new tokens or fewer through decode steps, not a prefill
+CATCH_UP = 3  # a draft model feeds up to this many new tokens in one short chunk, not a prefill
 
 
 def add_prediction_usage(usage, prediction: Sequence[int] | None, reply: Sequence[int]) -> None:
@@ -157,23 +157,28 @@ class ModelDrafter:
     def _catch_up(self, feeds: list[list[int]], budgets: list[int]) -> torch.Tensor:
         """Feed each drafting row its new tokens; each row's first draft token [B].
 
-        After a verification a row has one or two new tokens (the target's own choice, and the
-        last draft when all were kept): when every drafting row has the same few, they go through
-        decode steps, as a packaged prefill chunk is a whole tile (16 tokens) wide."""
+        After a verification a row has one new token (the target's own choice) or two (and the
+        last draft, when all were kept). When every row drafts and has the same few, one token
+        goes through a decode step and two or three through one chunk of CATCH_UP tokens,
+        which costs about a step at batch 1: a packaged prefill chunk is a whole tile (16 tokens)."""
         from .runner import choose
 
-        cache, device = self.cache, self.runner.device
-        fed = {len(feed) for feed, k in zip(feeds, budgets) if k}
-        if len(fed) != 1 or not 0 < (count := fed.pop()) <= CATCH_UP_STEPS:
-            logits = self.runner.prefill(cache, feeds, None, self.kernels)
+        cache, device, runner = self.cache, self.runner.device, self.runner
+        counts = {len(feed) for feed in feeds}
+        count = counts.pop() if len(counts) == 1 and all(budgets) else 0
+        if count == 1:
+            tokens = torch.tensor([feed[0] for feed in feeds], device=device)
+            tokens, _, _ = runner.step(cache, tokens, torch.ones_like(tokens, dtype=torch.bool), self.sampler,
+                                       self.neutral, self.no_eos, self.kind, False, None, self.kernels)  # fmt: skip
+        elif 1 < count <= CATCH_UP:
+            kernels = runner.kernels(len(feeds), self.kind, False, False, CATCH_UP)
+            ids = torch.tensor(feeds, device=device)
+            logits = runner.verify(cache, ids, torch.full((len(feeds),), count, device=device), CATCH_UP, kernels)
+            tokens = choose(logits[:, -1].float(), self.sampler, self.neutral, cache.lengths, self.kind)
+        else:
+            logits = runner.prefill(cache, feeds, None, self.kernels)
             return choose(logits, self.sampler, self.neutral, cache.lengths, self.kind)
-        going = torch.tensor([k > 0 for k in budgets], device=device)
-        for i in range(count):
-            tokens = torch.tensor([feed[i] if k else 0 for feed, k in zip(feeds, budgets)], device=device)
-            tokens, _, _ = self.runner.step(
-                cache, tokens, going, self.sampler, self.neutral, self.no_eos, self.kind, False, None, self.kernels
-            )
-            for row, k in enumerate(budgets):
-                if k and cache.tokens[row] is not None:
-                    cache.tokens[row].append(feeds[row][i])
+        for row, feed in enumerate(feeds):
+            if cache.tokens[row] is not None:
+                cache.tokens[row] += feed
         return tokens

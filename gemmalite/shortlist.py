@@ -100,12 +100,12 @@ def shortlist_head(model: nn.Module, tokenizer, count: int) -> ShortlistHead | N
     vocab = model.config.vocab_size
     if isinstance(count, bool) or not isinstance(count, int) or count < 4:
         raise InvalidArgumentError(f"shortlist must be an integer >= 4 (or None for the whole head), got {count!r}")
+    if count >= vocab:
+        return None  # the whole head already scores no more than that
     if tokenizer is None:
         raise InvalidArgumentError(
             "shortlist= needs the checkpoint's tokenizer, to rank its tokens; load this draft with shortlist=None"
         )
-    if count >= vocab:
-        return None  # the whole head already scores no more than that
     embedding = model.embed_tokens
     int8 = isinstance(getattr(embedding, "head", None), Int8Linear)
     spare = min(SPARE, count // 4)

@@ -87,7 +87,7 @@ def prepare(targets, drafts, k: dict) -> None:
     for target in targets:
         for options in (dict(speculative="off"), dict(speculative="lookup", **k), dict(speculative="draft", **k),
                         dict(prediction=CODE, **k)):  # fmt: skip
-            target.complete(TASKS["code edit"], max_new_tokens=4, ignore_eos=True, **options)
+            target.complete(TASKS["code edit"], max_new_tokens=16, ignore_eos=True, **options)  # a few rounds: the draft's catch-up too
     for draft in drafts:
         draft.complete(TASKS["code edit"], max_new_tokens=4, ignore_eos=True)
     for engine in (*targets, *drafts):
