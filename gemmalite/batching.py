@@ -123,6 +123,9 @@ class Scheduler(Placement, BatchDrafts):
             ended = [(s.request, s.result) for s in self.slots if s.request is not None]
             for slot in self.slots:
                 slot.release()
+            for drafter in self.drafters.values():
+                drafter.close()  # the draft model's caches go back to its runner
+            self.drafters.clear()
         for request in waiting:
             ended.append((request, RowResult.for_prompt(request.prompt, None, False)))
         for request, result in ended:

@@ -101,18 +101,24 @@ class ModelDrafter:
         self.no_eos = self.runner.eos_tensor(())
         # Its packaged prefill and steps when the compile cache has them: a draft only proposes,
         # so which kernels it runs changes how often it is right, never the output.
-        self.kernels = self.runner.kernels(batch_size, kind, False, False)
+        self.batch_size = batch_size
+        self._choose_kernels()
         head = getattr(self.runner.model.embed_tokens, "head", None)
         self.shortlist = head if isinstance(head, ShortlistHead) else None  # gets the transcripts' own tokens
 
     def close(self) -> None:
         self.runner.checkin(self.cache)
 
+    def _choose_kernels(self) -> None:
+        """The packaged graphs for this batch size and kind: steps and prefill, and the catch-up chunk."""
+        self.kernels = self.runner.kernels(self.batch_size, self.kind, False, False)
+        self.chunk_kernels = self.runner.kernels(self.batch_size, self.kind, False, False, CATCH_UP)
+
     def follow(self, sampler, kind: str) -> None:
         """Draft with this sampler and kind from now on (the scheduler's, which change per step)."""
         if sampler is not self.sampler or kind != self.kind:
             self.sampler, self.kind = sampler, kind
-            self.kernels = self.runner.kernels(len(self.cache.tokens), kind, False, False)
+            self._choose_kernels()
 
     def draft(self, contexts: list[Sequence[int] | None], budgets: list[int]) -> list[list[int]]:
         """Up to budgets[row] tokens for each row whose whole transcript (`contexts[row]`) is known."""
@@ -171,9 +177,8 @@ class ModelDrafter:
             tokens, _, _ = runner.step(cache, tokens, torch.ones_like(tokens, dtype=torch.bool), self.sampler,
                                        self.neutral, self.no_eos, self.kind, False, None, self.kernels)  # fmt: skip
         elif 1 < count <= CATCH_UP:
-            kernels = runner.kernels(len(feeds), self.kind, False, False, CATCH_UP)
             ids = torch.tensor(feeds, device=device)
-            logits = runner.verify(cache, ids, torch.full((len(feeds),), count, device=device), CATCH_UP, kernels)
+            logits = runner.verify(cache, ids, torch.full((len(feeds),), count, device=device), CATCH_UP, self.chunk_kernels)
             tokens = choose(logits[:, -1].float(), self.sampler, self.neutral, cache.lengths, self.kind)
         else:
             logits = runner.prefill(cache, feeds, None, self.kernels)

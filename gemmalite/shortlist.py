@@ -8,8 +8,8 @@ cheaper and the output cannot change. Only how often drafts are accepted depends
 (FR-Spec, Zhao et al. 2025, arXiv 2502.14856, shortlists a draft's vocabulary by frequency.)
 
 Which tokens, with no corpus at hand: SentencePiece's order. A BPE vocabulary lists its merged
-pieces in the order they were learned, most frequent pairs first, and its single characters,
-after them, by frequency. The shortlist takes the control tokens (<eos>, <end_of_turn>), the
+pieces in the order they were learned, most frequent pairs first, and its single characters
+after them (in Gemma's, the newline, "." and "," among the first of those). The shortlist takes the control tokens (<eos>, <end_of_turn>), the
 most frequent characters, then the earliest merges. On top, `SPARE` rows hold the tokens of the
 transcripts being drafted for that the list lacks (names, rare words of a document being
 quoted), refreshed as the drafter feeds its cache (`include`), so copying from the prompt stays
@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidArgumentError
+from .packing import TiedEmbeddingWithHead
+from .quantize import Int8Linear, int8_rows
 
 DEFAULT_SHORTLIST = 32768  # the tokens a draft model scores, of Gemma's 262144 (measured: docs/benchmarks.md)
 SPARE = 1024  # of those, rows for the transcript's own tokens (at most a quarter of the list)
@@ -46,57 +48,54 @@ def frequent_tokens(sp, count: int) -> list[int]:
 
 
 class ShortlistHead(nn.Module):
-    """The output head for a shortlist of token ids: [..., hidden] -> [..., vocab], -inf off the list."""
+    """The output head for a shortlist of token ids: [..., hidden] -> [..., vocab], -inf off the list.
+
+    `rows` scores the listed tokens: an Int8Linear of their int8 rows, or their float rows."""
 
     def __init__(self, weight: torch.Tensor, ids: list[int], spare: int, int8: bool):
         super().__init__()
         self.vocab = weight.shape[0]
         self.source = weight  # the float rows, to fill spare rows from (the embedding's own, not a copy)
-        self.int8 = int8
         ids = torch.tensor(ids + [ids[0]] * spare, dtype=torch.long, device=weight.device)  # spares: a repeat until used
         self.register_buffer("ids", ids, persistent=False)
-        if int8:
-            from .quantize import Int8Linear
-
-            self.rows = Int8Linear(weight[ids])
-        else:
-            self.register_buffer("plain", weight[ids].clone(), persistent=False)
+        self.rows = Int8Linear(weight[ids]) if int8 else None
+        self.register_buffer("plain", None if int8 else weight[ids].clone(), persistent=False)
         self.fixed = len(ids) - spare
-        self.listed = set(ids.tolist())
+        self.spares: list[int | None] = [None] * spare  # the transcript token each spare row holds
+        self.listed = set(ids[: self.fixed].tolist())  # every token with a row
         self.next_spare = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scores = self.rows(x) if self.int8 else F.linear(x, self.plain)
+        scores = F.linear(x, self.plain) if self.rows is None else self.rows(x)
         logits = torch.full((*x.shape[:-1], self.vocab), float("-inf"), dtype=scores.dtype, device=x.device)
-        return logits.index_copy_(-1, self.ids, scores)  # a spare's repeat writes the same score twice
+        return logits.index_copy_(-1, self.ids, scores)  # an unused spare's repeat writes the same score twice
 
     def include(self, tokens: Iterable[int]) -> None:
         """Give tokens off the list a spare row each (the oldest spare goes first when all are taken)."""
-        spare = len(self.ids) - self.fixed
+        spare = len(self.spares)
         new = [t for t in dict.fromkeys(tokens) if t not in self.listed and 0 <= t < self.vocab][-spare:] if spare else []
+        if not new:
+            return
+        slots = []
         for token in new:
-            slot = self.fixed + self.next_spare
-            self.next_spare = (self.next_spare + 1) % spare
-            self.listed.discard(int(self.ids[slot]))
+            slot, self.next_spare = self.next_spare, (self.next_spare + 1) % spare
+            self.listed.discard(self.spares[slot])
+            self.spares[slot] = token
             self.listed.add(token)
-            self.ids[slot] = token
-            if self.int8:
-                from .quantize import int8_rows
-
-                rows, scales = int8_rows(self.source[token : token + 1])
-                self.rows.rows[slot] = rows[0]
-                self.rows.scales[slot] = scales[0].to(self.rows.scales.dtype)
-            else:
-                self.plain[slot] = self.source[token]
-        self.listed.add(int(self.ids[0]))
+            slots.append(self.fixed + slot)
+        at, chosen = torch.tensor(slots, device=self.ids.device), torch.tensor(new, device=self.ids.device)
+        self.ids[at] = chosen
+        if self.rows is None:
+            self.plain[at] = self.source[chosen]
+        else:
+            rows, scales = int8_rows(self.source[chosen])  # as the whole head's rows: one scale per row
+            self.rows.rows[at] = rows
+            self.rows.scales[at] = scales.to(self.rows.scales.dtype)
 
 
 def shortlist_head(model: nn.Module, tokenizer, count: int) -> ShortlistHead | None:
     """Give `model` (a draft's) a head over `count` tokens, in place; returns the head (None: the
     vocabulary is no larger, so the whole head stays)."""
-    from .packing import TiedEmbeddingWithHead
-    from .quantize import Int8Linear
-
     vocab = model.config.vocab_size
     if isinstance(count, bool) or not isinstance(count, int) or count < 4:
         raise InvalidArgumentError(f"shortlist must be an integer >= 4 (or None for the whole head), got {count!r}")

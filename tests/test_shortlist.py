@@ -43,7 +43,7 @@ def test_listed_logits_are_the_whole_heads_and_the_rest_are_minus_infinity(short
     assert isinstance(head, ShortlistHead)
     hidden = torch.randn(2, 3, shortlisted.config.hidden_size)
     logits = shortlisted.model.embed_tokens.attend(hidden)
-    whole = whole_head_logits(tiny, "int8" if head.int8 else None, hidden)
+    whole = whole_head_logits(tiny, "int8" if head.rows is not None else None, hidden)
     listed = torch.zeros(logits.shape[-1], dtype=torch.bool)
     listed[head.ids] = True
     assert 8 < int(listed.sum()) < logits.shape[-1]
@@ -59,7 +59,7 @@ def test_the_transcripts_tokens_join_the_list_with_the_whole_heads_logit(shortli
     head.include(missing)
     hidden = torch.randn(1, 1, shortlisted.config.hidden_size)
     logits = shortlisted.model.embed_tokens.attend(hidden)
-    whole = whole_head_logits(tiny, "int8" if head.int8 else None, hidden)
+    whole = whole_head_logits(tiny, "int8" if head.rows is not None else None, hidden)
     torch.testing.assert_close(logits[..., missing], whole[..., missing], rtol=1e-5, atol=1e-5)
     # More new tokens than spare rows: the latest stay listed, the oldest spares give way.
     spare = len(head.ids) - head.fixed

@@ -15,6 +15,7 @@ from dataclasses import fields
 
 from ..errors import InvalidArgumentError
 from ..options import GenerationOptions
+from ..shortlist import DEFAULT_SHORTLIST
 from .console import info
 
 
@@ -70,7 +71,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--draft-shortlist", type=int, metavar="N",
         help="the --draft model's head scores only the N likeliest tokens: cheaper drafts, the same output "
-        "(default 32768; 0: its whole head)",
+        f"(default {DEFAULT_SHORTLIST}; 0: its whole head)",
     )  # fmt: skip
 
 
@@ -168,8 +169,6 @@ def load_engine(args: argparse.Namespace):
     started = time.perf_counter()
     draft = None
     if getattr(args, "draft", None):
-        from ..shortlist import DEFAULT_SHORTLIST
-
         shortlist = DEFAULT_SHORTLIST if args.draft_shortlist is None else args.draft_shortlist or None
         draft = load(
             args.draft, device=args.device, dtype=args.dtype, compile=args.compile, max_seq_len=args.max_seq_len,
