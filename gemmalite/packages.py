@@ -191,8 +191,9 @@ class _Package:
         self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
         self.out_spec = pytree.treespec_loads(self.loader.get_call_spec()[1])
 
-    def __call__(self, *args):
-        flat = [x for x in self.pytree.tree_leaves(args) if isinstance(x, torch.Tensor)]
+    def __call__(self, model: list[torch.Tensor], cache: list[torch.Tensor], args: tuple, span: torch.Tensor):
+        # The traced call's leaves in order; the model's hundreds of tensors are a flat list already.
+        flat = [*model, *cache, *(x for x in self.pytree.tree_leaves(args) if isinstance(x, torch.Tensor)), span]
         return self.pytree.tree_unflatten(self.loader.boxed_run(flat), self.out_spec)
 
 

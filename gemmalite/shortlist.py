@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import InvalidArgumentError
 from .packing import TiedEmbeddingWithHead
-from .quantize import Int8Linear, int8_rows
+from .quantize import Int8Linear
 
 DEFAULT_SHORTLIST = 32768  # the tokens a draft model scores, of Gemma's 262144 (measured: docs/benchmarks.md)
 SPARE = 1024  # of those, rows for the transcript's own tokens (at most a quarter of the list)
@@ -88,9 +88,7 @@ class ShortlistHead(nn.Module):
         if self.rows is None:
             self.plain[at] = self.source[chosen]
         else:
-            rows, scales = int8_rows(self.source[chosen])  # as the whole head's rows: one scale per row
-            self.rows.rows[at] = rows
-            self.rows.scales[at] = scales.to(self.rows.scales.dtype)
+            self.rows.set_rows(at, self.source[chosen])  # as the whole head's rows: one scale per row
 
 
 def shortlist_head(model: nn.Module, tokenizer, count: int) -> ShortlistHead | None:

@@ -1,8 +1,8 @@
 """The first command a user runs, side by side with llama.cpp: whole processes, load included.
 
 Each round runs, in fresh processes and in turn:
-- `gemmalite` with default settings (CPU: the compile cache; its packages must be built already,
-  see --prepare), and with --no-compile (eager);
+- `gemmalite` with default settings (CPU: int8 weights and the compile cache; its packages must
+  be built already, see --prepare), and with the other --sides (bf16 weights, eager);
 - llama.cpp (llama-cpp-python, when installed) on the same GGUF, with llama-cli's sampling
   defaults, `--threads` threads.
 Every side generates --new-tokens tokens with eos turned off. Reported per side, the median over
@@ -13,7 +13,9 @@ rounds: wall time of the whole process, time to first token, and decode tok/s (a
 --fresh-cache also times the very first command on a machine: an empty gemmalite cache (GGUF
 conversion included), default settings against --no-compile; nothing is built in its foreground.
 llama-cpp-python is a benchmark peer only (build it with `pip install llama-cpp-python`); it is
-never a dependency of gemmalite or its tests.
+never a dependency of gemmalite or its tests. On a virtual machine whose kernel does not let
+programs use AMX, llama.cpp built with -DGGML_NATIVE=ON crashes in its AMX matmul; build it with
+AMX off (docs/benchmarks.md has the flags).
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ import tempfile
 import time
 
 PROMPT = "The three primary colours are"
-CLI_SIDES = {"default": [], "--no-compile, eager": ["--no-compile"], "--quantize int8": ["--quantize", "int8"]}
+CLI_SIDES = {
+    "default": [],  # on CPU: int8 weights, the compile cache
+    "--quantize none, bf16": ["--quantize", "none"],
+    "--no-compile, eager": ["--no-compile"],
+    "--quantize int8": ["--quantize", "int8"],
+}
 STATS = re.compile(r"time to first token (\d+) ms; (\d+) new tokens in ([\d.]+) s")
 
 LLAMA = r"""

@@ -42,6 +42,21 @@ def model(tiny):
     return str(tiny[0])
 
 
+
+def test_cpu_bf16_loads_int8_by_default_and_none_keeps_the_dtype(capsys, model):
+    """The CLI's default on CPU in bf16 is int8 weights (decoding there is the speed of reading them);
+    --quantize none keeps bf16, and float32 (the precision of proofs) is never quantized unasked."""
+    common = [PROMPT, "-m", model, "--device", "cpu", "--no-compile", "--temperature", "0", "-n", 4, "--ignore-eos"]
+    status, out_int8, err = run(capsys, *common)
+    assert status == 0 and "bfloat16, int8)" in err, err
+    status, _, err = run(capsys, *common, "--quantize", "none")
+    assert status == 0 and "(cpu, bfloat16)" in err, err
+    status, _, err = run(capsys, *common, "--dtype", "float32")
+    assert status == 0 and "(cpu, float32)" in err, err
+    expected = gemmalite.load(model, device="cpu", dtype="bfloat16", compile=False, quantize="int8")
+    assert out_int8 == expected.generate(PROMPT, max_new_tokens=4, ignore_eos=True, temperature=0)
+
+
 # ------------------------------------------------------------------ output
 def test_prompt_argument_and_stdin_match_generate(capsys, monkeypatch, model, tiny_engine):
     expected = tiny_engine.generate(PROMPT, max_new_tokens=16)

@@ -59,15 +59,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-seq-len", type=int, metavar="N", help="longest transcript in tokens (default: min(model's, 32768))")
     group.add_argument(
         "--quantize",
-        choices=["int8"],
-        help="int8 weights for every projection and the head: half the bytes of bf16 per token, close to it in quality",
+        choices=["int8", "none"],
+        help="int8: int8 weights for every projection and the head, half the bytes of bf16 per token and close to it "
+        "in quality (KL 0.004 nats per token on the 270M); none: the weights in --dtype. Default: int8 on CPU in "
+        "bfloat16, else none",
     )
     group.add_argument(
         "--draft", metavar="SRC",
         help="a smaller model with the same tokenizer that drafts tokens for speculative decoding "
         "(loaded like --model; the output stays the same)",
     )  # fmt: skip
-    group.add_argument("--draft-quantize", choices=["int8"], help="load the --draft model with int8 weights")
+    group.add_argument("--draft-quantize", choices=["int8", "none"], help="the --draft model's weights, as --quantize")
     group.add_argument(
         "--draft-shortlist", type=int, metavar="N",
         help="the --draft model's head scores only the N likeliest tokens: cheaper drafts, the same output "
@@ -151,6 +153,18 @@ def check_model_args(args: argparse.Namespace) -> None:
     parse_device(args.device)
 
 
+def quantize_default(args: argparse.Namespace, chosen: str | None) -> str | None:
+    """What --quantize (or --draft-quantize) means: as given, else int8 on CPU in bfloat16, where
+    decoding is the speed of reading weights (docs/benchmarks.md); None for the dtype's own weights."""
+    from ..loading import parse_device, parse_dtype
+    import torch
+
+    if chosen is None:
+        on_cpu = parse_device(args.device).type == "cpu" and parse_dtype(args.dtype) == torch.bfloat16
+        chosen = "int8" if on_cpu else "none"
+    return None if chosen == "none" else chosen
+
+
 def load_engine(args: argparse.Namespace):
     """Load the model that --model names (or the default one), saying on stderr what and how long."""
     from ..loading import load
@@ -172,8 +186,9 @@ def load_engine(args: argparse.Namespace):
         shortlist = DEFAULT_SHORTLIST if args.draft_shortlist is None else args.draft_shortlist or None
         draft = load(
             args.draft, device=args.device, dtype=args.dtype, compile=args.compile, max_seq_len=args.max_seq_len,
-            quantize=args.draft_quantize, shortlist=shortlist,
+            quantize=quantize_default(args, args.draft_quantize), shortlist=shortlist,
         )  # fmt: skip
+    quantize = quantize_default(args, args.quantize)
     engine = load(
         source,
         draft=draft,
@@ -181,11 +196,11 @@ def load_engine(args: argparse.Namespace):
         dtype=args.dtype,
         compile=args.compile,
         max_seq_len=args.max_seq_len,
-        quantize=args.quantize,
+        quantize=quantize,
     )
     dtype = str(engine.dtype).removeprefix("torch.")
     compiled = (", compiled" if engine.compiled else ", compile cache" if engine.compile == "cached" else "")
-    compiled += ", int8" if args.quantize else ""
+    compiled += f", {quantize}" if quantize else ""
     compiled += f", drafting with {args.draft}" if draft is not None else ""
     info(args, f"loaded {source} in {time.perf_counter() - started:.2f} s ({engine.device}, {dtype}{compiled})")
     engine.runner.on_compile = lambda what, seconds: info(args, compile_notice(what, seconds))
