@@ -96,7 +96,9 @@ class KVCache:
         self.reached = [0] * batch_size  # host-side: the longest each row has been (see rewind)
         # Host-side: the token ids each row holds, for callers that reuse prompts; None = unknown.
         self.tokens: list[list[int] | None] = [[] for _ in range(batch_size)]
-        self.rows = torch.arange(batch_size, device=device)[:, None]  # row index for writes [B, 1]
+        # Row index for writes [B, 1]; made on the CPU and moved: arange on the meta device (packages.py
+        # describes caches there) imports PyTorch's Python meta kernels, 0.24 s.
+        self.rows = torch.arange(batch_size)[:, None].to(device)
         # Which kernels wrote what the rows hold ("eager", "compiled", "packaged"; None: nothing yet).
         # bfloat16 results repeat only among calls that ran the same kernels (see loop.generate).
         self.kernels: str | None = None

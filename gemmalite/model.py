@@ -49,9 +49,9 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, scale: flo
     """cos, sin [..., head_dim] for neox-style rotary embedding at the given positions [...]."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
     inv_freq = 1.0 / (base**exponents) / scale
-    angles = positions[..., None].float() * inv_freq  # [..., head_dim / 2]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    angles = positions[..., None].float() * inv_freq  # [..., head_dim / 2]; both halves use the same angles
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -518,3 +518,23 @@ def test_module_imports_without_gguf():
     code = "import sys; sys.modules['gguf'] = None; import gemmalite.gguf; print('ok')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_a_gguf_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    """Its digest is remembered by size, inode and mtime; an edit in place is hashed again and converted anew."""
+    _write_synthetic(tmp_path / "tiny.gguf")
+    hashed = []
+    real_digest = cache.file_digest
+    monkeypatch.setattr(cache, "file_digest", lambda path: hashed.append(path) or real_digest(path))
+    first = gemmalite_gguf.cached_checkpoint(tmp_path / "tiny.gguf", cache_dir=tmp_path / "cache", progress=False)
+    again = gemmalite_gguf.cached_checkpoint(tmp_path / "tiny.gguf", cache_dir=tmp_path / "cache", progress=False)
+    assert again == first and len(hashed) == 1
+    (tmp_path / "cache" / cache.DIGESTS_FILE).write_text("{not json")  # a broken memo is only a miss
+    assert gemmalite_gguf.cached_checkpoint(tmp_path / "tiny.gguf", cache_dir=tmp_path / "cache", progress=False) == first
+    assert len(hashed) == 2
+    data = bytearray((tmp_path / "tiny.gguf").read_bytes())
+    data[-1] ^= 0xFF  # the same size, other content: the mtime moves on
+    (tmp_path / "tiny.gguf").write_bytes(bytes(data))
+    os.utime(tmp_path / "tiny.gguf", ns=(time.time_ns(), time.time_ns() + 10**9))
+    edited = gemmalite_gguf.cached_checkpoint(tmp_path / "tiny.gguf", cache_dir=tmp_path / "cache", progress=False)
+    assert len(hashed) == 3 and edited != first
