@@ -317,10 +317,11 @@ def test_ctrl_c_stops_the_server_cleanly(server):  # last: it ends the module's 
 
 
 def test_in_bf16_a_seeded_request_gets_the_same_reply_twice_and_batched(bf16_server, tiny):
-    """Reproducible in the default dtype: the second time, the prompt comes from a reused slot."""
+    """Reproducible in the default dtype and weights (on CPU in bf16: int8, see cli/options.py):
+    the second time, the prompt comes from a reused slot."""
     import gemmalite
 
-    engine = gemmalite.load(tiny[0], dtype="bfloat16", compile=False, reuse_prompts=False)
+    engine = gemmalite.load(tiny[0], dtype="bfloat16", quantize="int8", compile=False, reuse_prompts=False)
     sampled = dict(temperature=0.9, top_p=0.95, max_tokens=16)
     messages = [user(f"{p} and then some more words") for p in PROMPTS]
     expected = [alone(engine, m[0]["content"], max_new_tokens=16, seed=i, temperature=0.9, top_p=0.95) for i, m in enumerate(messages)]
