@@ -18,7 +18,10 @@ fed past a request's end (a stop token or string, or its budget, inside an accep
 The scheduler paces itself as a call does (speculative.Pace): it times its verification steps
 against its plain ones, per token, and pauses drafting while verifying is slower.
 
-What stays plain: a step with a grammar-constrained row (the mask is a decode step's). `Budget` (speculative.py) drafts less, and for a while nothing,
+A row with a grammar (json_schema, regex, grammar) has its draft checked against its matcher
+first: the draft is cut at the first token the grammar refuses, and each position is chosen
+under the mask the grammar gives after the drafts before it, as a decode step there would be
+(grammar.Guide.draft_masks). `Budget` (speculative.py) drafts less, and for a while nothing,
 after rejections, so a request whose text does not repeat pays for few verification chunks.
 
 `BatchDrafts` is the part of batching.Scheduler that does this.
@@ -27,6 +30,8 @@ after rejections, so a request whose text does not repeat pays for few verificat
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from .drafts import ModelDrafter, PredictionDrafter, lookup_draft
 from .speculative import Budget, Plan, plan, verify
@@ -61,9 +66,11 @@ class DraftCounts:
 class BatchDrafts:
     """Drafting and verifying for the scheduler's busy rows (see the module doc)."""
 
-    def _drafts(self, rows, size: int, sampler, kind: str) -> list[list[int]] | None:
-        """Each of the step's `size` rows' drafts, or None when no row drafts (a plain step)."""
-        if any(s.row in self.guide.rows for s in rows) or all(s.speculation is None for s in rows):
+    def _drafts(self, rows, size: int, sampler, kind: str) -> tuple[list[list[int]], torch.Tensor | None] | None:
+        """Each of the step's `size` rows' drafts, and the grammar rows' masks at their draft
+        positions (grammar.Guide.draft_masks; None when no row has a grammar), or None when no row
+        drafts (a plain step)."""
+        if all(s.speculation is None for s in rows):
             return None
         if not self.pace.allows():
             return None
@@ -97,13 +104,15 @@ class BatchDrafts:
             drafter.follow(sampler, kind)
             for row, draft in enumerate(drafter.draft(modelled, budgets)):
                 drafts[row] = drafts[row] or draft
-        return drafts if any(drafts) else None
+        masks = None
+        if any(drafts) and any(s.row in self.guide.rows for s in rows):  # drafts cut where a grammar refuses them
+            masks = self.guide.draft_masks(drafts, _width(rows))
+        return (drafts, masks) if any(drafts) else None
 
-    def _verify(self, rows, cache, tokens, active, drafts, sampler, penalties, kind, with_logprobs):
+    def _verify(self, rows, cache, tokens, active, drafts, masks, sampler, penalties, kind, with_logprobs):
         """One verification forward; per row its emitted tokens and their (logprob, values, ids)."""
-        width = max(s.speculation.plan.width for s in rows if s.speculation is not None)
         _, _, emitted, chosen, accepted = verify(
-            self.runner, cache, tokens, active, drafts, width, sampler, penalties, self.eos, kind, with_logprobs
+            self.runner, cache, tokens, active, drafts, _width(rows), sampler, penalties, self.eos, kind, with_logprobs, None, masks
         )
         self.cache.high = max(self.cache.lengths.tolist())  # rows were rewound: the books follow
         counts = self.draft_counts
@@ -135,3 +144,8 @@ class BatchDrafts:
                 break
         if len(tokens) > fed:
             self.cache.rewind(len(tokens) - fed, row)
+
+
+def _width(rows) -> int:
+    """The verification chunk's positions for a step's rows: the widest plan among them."""
+    return max(s.speculation.plan.width for s in rows if s.speculation is not None)

@@ -303,10 +303,10 @@ class Scheduler(Placement, BatchDrafts):
             cache.high = self.cache.high
             guided = any(s.row in self.guide.rows for s in rows)
             started = time.perf_counter()
-            drafts = self._drafts(rows, size, sampler, kind)
+            drafts = self._drafts(rows, size, sampler, kind)  # (drafts, grammar masks), or None
             with torch.no_grad(), self.runner.lock:
                 if drafts is not None:  # a verification forward (batch_drafts.py)
-                    emitted, chosen = self._verify(rows, cache, tokens, active, drafts, sampler, penalties, kind, with_logprobs)
+                    emitted, chosen = self._verify(rows, cache, tokens, active, *drafts, sampler, penalties, kind, with_logprobs)
                 else:
                     allowed = self.guide.allowed()[:size] if guided else None
                     step = self.runner.step(cache, tokens, active, sampler, penalties, self.eos, kind, with_logprobs, allowed)

@@ -235,8 +235,7 @@ class Engine:
         prompts' images (vision.prepare), positions counted from the start of each prompt.
         """
         grammars = self.row_grammars(options, len(prompts), chat)  # checked before any work
-        # A loaded draft model drafts by default, but not for a constrained reply (the two do not combine yet).
-        speculation = None if grammars else speculative.plan(self, options)
+        speculation = speculative.plan(self, options)
         stats = self._local.stats = Stats(prompt_tokens=[len(p) for p in prompts])
         own = cache is None
         feed = prompts

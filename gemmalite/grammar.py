@@ -284,6 +284,29 @@ class RowGrammar:
                 word, bit = divmod(token, 32)
                 words[word] |= (1 << bit) if bit < 31 else -(1 << 31)
 
+    def draft_masks(self, draft: Sequence[int], out: torch.Tensor) -> int:
+        """For speculative verification: write the bitmask at the current state into out[0], and
+        the one after each of the draft's tokens into out[1], out[2], ... (out [>= 1 + len(draft),
+        words], host int32). Stops before a draft token the grammar refuses, a stop id, or one
+        that completes the value: the target's own choice there needs no state past it. The
+        matcher is left as it was. Returns how many draft tokens the masks follow."""
+        self.fill(out[0])
+        followed = 0
+        for token in draft:
+            word, bit = divmod(token, 32)
+            if self.done or token in self.stop_ids or not (int(out[followed, word]) >> bit) & 1:
+                break
+            if not self.matcher.consume_token(token):
+                raise RuntimeError(f"the grammar refused token {token}, which its own mask allowed: {self.matcher.get_error()[:300]}")
+            if self.matcher.is_stopped():
+                self.matcher.rollback(1)
+                break
+            followed += 1
+            self.fill(out[followed])
+        if followed:
+            self.matcher.rollback(followed)
+        return followed
+
     def accept(self, token: int) -> bool:
         """Follow the row's new token; True when the row must end here (its value is complete)."""
         if self.done:
@@ -340,6 +363,27 @@ class Guide:
         if self._on_device is not self.host:
             self._on_device.copy_(self.host)
         return self._on_device if row is None else self._on_device[row : row + 1]
+
+    def draft_masks(self, drafts: list[list[int]], width: int) -> torch.Tensor:
+        """For a verification chunk of `width` positions: [B, width, words] on the device, each
+        grammar row's mask at each of its draft's positions, every bit set elsewhere. A draft is
+        cut, in place, where the grammar refuses it or its value would end (RowGrammar.draft_masks):
+        no choice the target makes under these masks can accept a draft past that point."""
+        masks = torch.full((len(drafts), width, self.host.shape[1]), -1, dtype=torch.int32)
+        for row, grammar in self.rows.items():
+            if row < len(drafts) and not grammar.done:  # a server's step may cover only its leading rows
+                del drafts[row][grammar.draft_masks(drafts[row], masks[row]) :]
+        return masks.to(self.device)
+
+    def follow(self, row: int, tokens: Sequence[int]) -> int | None:
+        """Follow a row's new tokens; how many of them make its value complete (None: not yet)."""
+        grammar = self.rows.get(row)
+        if grammar is None:
+            return None
+        for i, token in enumerate(tokens):
+            if grammar.accept(token):
+                return i + 1
+        return None
 
     def accept(self, tokens: torch.Tensor | Sequence[int]) -> list[int]:
         """Follow each grammar row's new token (tokens [B]); the rows whose value is complete now.

@@ -173,7 +173,7 @@ def generate(
         yield first
         if speculation is not None:
             state = (runner, cache, tokens, active, sampler, penalty, eos_tensor, kind, top_logprobs)
-            for block in speculation.decode(*state, rows, transcripts, stats, Block, kernels):
+            for block in speculation.decode(*state, rows, transcripts, stats, Block, kernels, guide):
                 yield block
                 stats.decode_s = time.perf_counter() - decode_started
             return

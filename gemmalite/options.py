@@ -71,12 +71,7 @@ class GenerationOptions:
             raise InvalidArgumentError(f"prediction must be the expected reply, as text or token ids; got {type(guess).__name__}")
         if isinstance(self.json_schema, dict):  # held as JSON text: options stay hashable
             object.__setattr__(self, "json_schema", schema_text(self.json_schema))
-        constrained = constraint_from(self.json_schema, self.regex, self.grammar) is not None
-        if constrained and (self.speculative in ("lookup", "draft") or self.prediction is not None):
-            raise InvalidArgumentError(
-                "structured output (json_schema, regex, grammar) and speculative decoding (speculative, prediction) "
-                "do not combine yet: give one of them"
-            )
+        constraint_from(self.json_schema, self.regex, self.grammar)  # checked now: one at most, of the right shape
         # Check the sampling values now, with neutral stand-ins for what is left to the defaults.
         self.sampling(SamplingSettings())
 

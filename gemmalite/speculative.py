@@ -238,9 +238,12 @@ class Speculation:
                     drafts[row] = d
         return drafts
 
-    def decode(self, runner, cache, tokens, active, sampler, penalty, eos_ids, kind, top_logprobs, rows, transcripts, stats, make_block, kernels=None):
+    def decode(self, runner, cache, tokens, active, sampler, penalty, eos_ids, kind, top_logprobs, rows, transcripts, stats, make_block,
+               kernels=None, guide=None):  # fmt: skip
         """Yield a block per round until every row is done (the loop's `rows` keeps the books).
-        `kernels`: the call's packaged steps and verification (Runner.kernels), or None."""
+        `kernels`: the call's packaged steps and verification (Runner.kernels), or None. `guide`:
+        the rows' grammars (grammar.Guide), or None: each draft position is then chosen under the
+        grammar's mask after the drafts before it, and a draft is cut where the grammar refuses it."""
         batch = len(transcripts)
         reply_starts = [None if t is None else len(t) - p for t, p in zip(transcripts, rows.produced)]
         try:
@@ -256,22 +259,30 @@ class Speculation:
                     budgets.append(max(0, min(self.budgets[row].next(), room)) if alive else 0)
                 replies = [None if t is None else t[s:] for t, s in zip(transcripts, reply_starts)]
                 drafts = self._drafts(transcripts, replies, budgets, sampler, kind)
+                masks = guide.draft_masks(drafts, self.plan.width) if guide is not None and any(drafts) else None
                 with torch.no_grad(), runner.lock:
                     if any(drafts):
                         tokens, active, emitted, chosen, accepted = verify(
                             runner, cache, tokens, active, drafts, self.plan.width,
-                            sampler, penalty, eos_ids, kind, top_logprobs is not None, kernels,
+                            sampler, penalty, eos_ids, kind, top_logprobs is not None, kernels, masks,
                         )
                     else:
                         fed = active
                         # No row drafts: a plain decode step, at a plain step's cost.
+                        allowed = guide.allowed() if guide is not None else None
                         tokens, active, step_chosen = runner.step(
-                            cache, tokens, active, sampler, penalty, eos_ids, kind, top_logprobs is not None, None, kernels
+                            cache, tokens, active, sampler, penalty, eos_ids, kind, top_logprobs is not None, allowed, kernels
                         )
                         count_tokens(penalty, tokens, fed)
                         emitted = [[t] if f else [] for t, f in zip(tokens.tolist(), fed.tolist())]
                         chosen = None if step_chosen is None else [[_row_of(step_chosen, row)] for row in range(batch)]
                         accepted = [0] * batch
+                if guide is not None:
+                    for row in range(batch):
+                        complete = guide.follow(row, emitted[row]) if emitted[row] else None
+                        if complete is not None:  # the value ends at this token: the row stops there
+                            rows.end_at(row, rows.produced[row] + complete)
+                            active[row] = False
                 taken = [rows.take(row, emitted[row]) for row in range(batch)]
                 self.pace.record(any(drafts), time.perf_counter() - started, sum(map(len, emitted)))
                 for row in range(batch):
@@ -288,8 +299,12 @@ class Speculation:
                 self.model_drafter.close()
 
 
-def verify(runner, cache, tokens, active, drafts, width: int, sampler, penalty: Penalties, eos_ids, kind, with_logprobs, kernels=None):
+def verify(runner, cache, tokens, active, drafts, width: int, sampler, penalty: Penalties, eos_ids, kind, with_logprobs, kernels=None,
+           masks=None):  # fmt: skip
     """Feed [last token, d1..dk] per row in one forward; keep each row's drafts up to the first disagreement.
+
+    `masks` ([B, >= 1 + k, words], grammar.Guide.draft_masks): the grammar's bitmask at each
+    position, as a decode step there would take it; None for no grammar.
 
     Returns the next last token [B] and active [B] (as a decode step would), each row's emitted
     tokens (the target's choices: its accepted drafts and one more), their log-probabilities
@@ -313,7 +328,7 @@ def verify(runner, cache, tokens, active, drafts, width: int, sampler, penalty: 
     alive = active.clone()
     choices, alive_at, picked = [], [], []
     for j in range(1 + max(counts)):
-        choice = choose(logits[:, j], sampler, penalty, start + j + 1, kind)
+        choice = choose(logits[:, j], sampler, penalty, start + j + 1, kind, None if masks is None else masks[:, j])
         count_tokens(penalty, choice, alive)
         choices.append(choice)
         alive_at.append(alive)

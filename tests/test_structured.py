@@ -201,8 +201,6 @@ def test_a_batch_mixes_rows_with_and_without_and_with_other_schemas(tiny_engine)
         (dict(json_schema=FLAGS, regex="a+"), "cannot be combined"),
         (dict(regex="a("), "unclosed group"),
         (dict(grammar="root ::= (("), "grammar"),
-        (dict(json_schema=True, speculative="lookup"), "do not combine"),
-        (dict(regex="a+", prediction="aaa"), "do not combine"),
     ],
 )
 def test_bad_constraints_are_clear_errors_before_any_work(tiny_engine, options, words):

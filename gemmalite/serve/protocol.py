@@ -220,8 +220,6 @@ def _job(body: dict, engine, defaults: GenerationOptions, prompt: list[int], *, 
         merged["max_new_tokens"] = room
     if given["logprobs"] is None:
         merged["logprobs"] = None
-    if any(value is not None for value in constraint.values()) and given["prediction"] is None:
-        merged["speculative"] = None  # the server's --lookup does not combine with a grammar: such a request decodes plainly
     try:
         options = GenerationOptions(**merged)
     except InvalidArgumentError as e:

@@ -1,0 +1,173 @@
+"""Structured output under speculative decoding: each draft position is chosen under the grammar's
+mask after the drafts before it, so a constrained reply has plain constrained decoding's tokens.
+
+float32, the tiny checkpoint (random weights: the replies' shape is the mask's doing), compared
+with the same engine decoding plainly; the replies are checked with the jsonschema library.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+llguidance = pytest.importorskip("llguidance")
+jsonschema = pytest.importorskip("jsonschema")
+
+from gemmalite import Engine, speculative  # noqa: E402
+from gemmalite.batching import Scheduler  # noqa: E402
+from gemmalite.grammar import Constraint, Grammars, Guide  # noqa: E402
+from gemmalite.options import GenerationOptions  # noqa: E402
+from gemmalite.slots import Request  # noqa: E402
+
+from conftest import MARGIN  # noqa: E402
+
+PROMPT = "The quick brown"
+RECORD = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "pet": {"enum": ["cat", "dog", "none"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "minItems": 1, "maxItems": 2},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "age", "pet", "tags", "ok"],
+}
+SAMPLED = dict(temperature=1.0, top_k=50, top_p=0.9, seed=3)
+PENALIZED = dict(temperature=0.9, seed=5, repetition_penalty=1.3, presence_penalty=0.4)
+
+
+class AlwaysDraft:
+    """Pace's stand-in: every round drafts, however it is timed (Pace decides only whether a round drafts)."""
+
+    def allows(self):
+        return True
+
+    def record(self, *args):
+        pass
+
+
+@pytest.fixture(autouse=True)
+def rounds_always_draft(monkeypatch):
+    monkeypatch.setattr(speculative, "Pace", AlwaysDraft)
+    monkeypatch.setattr("gemmalite.batching.Pace", AlwaysDraft)
+
+
+@pytest.fixture(scope="module")
+def self_drafted(tiny_engine):
+    """The tiny model drafting for itself, unmasked: its drafts are often refused by the grammar."""
+
+    def like(**kwargs):
+        return Engine(tiny_engine.model, tiny_engine.tokenizer, device=tiny_engine.device, dtype=tiny_engine.dtype,
+                      compile=False, max_seq_len=tiny_engine.max_seq_len, rewind_margin=MARGIN, **kwargs)  # fmt: skip
+
+    return like(draft=like())
+
+
+def valid(text: str, schema: dict) -> dict:
+    value = json.loads(text)
+    jsonschema.validate(value, schema)
+    return value
+
+
+@pytest.mark.parametrize("sampling", [{}, SAMPLED, PENALIZED], ids=["greedy", "topk_topp", "penalties"])
+@pytest.mark.parametrize("source", ["exact prediction", "wrong prediction", "lookup", "draft"])
+def test_constrained_speculation_gives_plain_constrained_tokens(self_drafted, source, sampling):
+    options = dict(json_schema=RECORD, max_new_tokens=120, **sampling)
+    plain = self_drafted.complete(PROMPT, speculative="off", **options)
+    valid(plain.text, RECORD)
+    assert plain.finish_reason == "stop"
+    if source == "exact prediction":
+        options["prediction"] = plain.token_ids  # every draft right: masks at every position of each chunk
+    elif source == "wrong prediction":  # right, then every fourth token wrong (often one the grammar refuses)
+        options["prediction"] = [t if i % 4 != 3 else (t + 17) % 300 for i, t in enumerate(plain.token_ids)]
+    else:
+        options["speculative"] = source
+    spec = self_drafted.complete(PROMPT, **options)
+    assert (spec.token_ids, spec.finish_reason) == (plain.token_ids, plain.finish_reason)
+    stats = self_drafted.last_stats
+    if source == "exact prediction":
+        assert 0 < sum(stats.accepted_tokens) == sum(stats.draft_tokens)  # every draft right, to the value's end
+        assert spec.usage.accepted_prediction_tokens == len(plain.token_ids)
+    if source == "wrong prediction":
+        assert 0 < sum(stats.accepted_tokens) < sum(stats.draft_tokens)
+
+
+def test_logprobs_streams_and_ignore_eos_agree_with_plain(self_drafted):
+    plain = self_drafted.complete(PROMPT, json_schema=RECORD, max_new_tokens=120, logprobs=3, ignore_eos=True, **SAMPLED)
+    spec = self_drafted.complete(PROMPT, json_schema=RECORD, max_new_tokens=120, logprobs=3, ignore_eos=True,
+                                 prediction=plain.token_ids, **SAMPLED)  # fmt: skip
+    assert spec.token_ids == plain.token_ids
+    assert spec.logprobs == pytest.approx(plain.logprobs, abs=1e-5)
+    streamed = "".join(c.text for c in self_drafted.complete_stream(
+        PROMPT, json_schema=RECORD, max_new_tokens=120, ignore_eos=True, speculative="draft", **SAMPLED))  # fmt: skip
+    assert streamed == plain.text
+
+
+def test_max_new_tokens_inside_an_accepted_run(self_drafted):
+    plain = self_drafted.complete(PROMPT, json_schema=RECORD, max_new_tokens=120)
+    for limit in (5, 6, 7):
+        cut = self_drafted.complete(PROMPT, json_schema=RECORD, max_new_tokens=limit, prediction=plain.token_ids)
+        assert (cut.token_ids, cut.finish_reason) == (plain.token_ids[:limit], "length")
+
+
+def test_a_batch_and_a_session_mix_schemas_under_speculation(self_drafted):
+    prompts = [PROMPT, "Once upon a time"]
+    plain = self_drafted.complete(prompts, json_schema=RECORD, max_new_tokens=120, speculative="off", **SAMPLED)
+    spec = self_drafted.complete(prompts, json_schema=RECORD, max_new_tokens=120, speculative="draft", **SAMPLED)
+    assert [c.token_ids for c in spec] == [c.token_ids for c in plain]
+    flags = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    replies = {}
+    for mode in ("off", "draft", "lookup"):
+        session = self_drafted.session(chat=False)
+        replies[mode] = [
+            session.send("A record:", json_schema=RECORD, max_new_tokens=120, speculative=mode),
+            session.send(" And a flag:", json_schema=flags, max_new_tokens=40, speculative=mode),
+            session.send(" Free text:", max_new_tokens=6, ignore_eos=True, speculative=mode),
+        ]
+    assert replies["draft"] == replies["off"] and replies["lookup"] == replies["off"]
+    valid(replies["off"][0], RECORD)
+
+
+def test_draft_masks_cut_refused_drafts_and_leave_the_matcher_as_it_was(tiny_engine):
+    tokenizer = tiny_engine.tokenizer
+    grammars = Grammars(tokenizer, tiny_engine.config.vocab_size, eos_id=1)
+    row = grammars.compile(Constraint("json_schema", json.dumps(RECORD))).matcher(stop_ids=(1,))
+    guide = Guide(2, grammars.words, "cpu")
+    guide.set(1, row)
+    start = tokenizer.encode('{"name": "Ada", "age": 3', bos=False)
+    for token in start[:2]:
+        row.accept(token)
+    before = guide.allowed().clone()
+    good, refused = start[2:], tokenizer.encode("}}}", bos=False)
+    drafts = [[5, 6, 7], good + refused]
+    masks = guide.draft_masks(drafts, 1 + len(drafts[1]))
+    assert drafts == [[5, 6, 7], good]  # the grammar-free row keeps its draft; the other is cut at "}"
+    assert (masks[0] == -1).all() and torch.equal(masks[1, 0], before[1])
+    assert torch.equal(guide.allowed(), before)  # the matcher stepped back
+    for position, token in enumerate(good):  # each position's mask is the state after the drafts before it
+        row.accept(token)
+        assert torch.equal(masks[1, position + 1], guide.allowed()[1])
+
+
+def test_the_server_speculates_for_constrained_requests(self_drafted):
+    alone = self_drafted.complete(PROMPT, json_schema=RECORD, max_new_tokens=120, speculative="off", **SAMPLED)
+    free = self_drafted.complete("lazy dog", max_new_tokens=12, ignore_eos=True, speculative="off")
+    scheduler = Scheduler(self_drafted, parallel=2, max_queue=4)
+    outcomes = []
+    for prompt, options in [(PROMPT, dict(json_schema=RECORD, max_new_tokens=120, speculative="draft", **SAMPLED)),
+                            ("lazy dog", dict(max_new_tokens=12, ignore_eos=True, speculative="draft"))]:  # fmt: skip
+        chunks = []
+        scheduler.submit(Request(self_drafted.encode(prompt), GenerationOptions(**options), chunks.append))
+        outcomes.append(chunks)
+    for _ in range(2000):
+        if all(c and (isinstance(c[-1], BaseException) or c[-1].finish_reason) for c in outcomes):
+            break
+        scheduler.step()
+    scheduler.close()
+    tokens = [[t for c in chunks for t in c.token_ids] for chunks in outcomes]
+    assert tokens == [alone.token_ids, free.token_ids]
+    assert outcomes[0][-1].finish_reason == "stop"
+    assert scheduler.draft_counts.drafted > 0
