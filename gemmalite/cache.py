@@ -25,6 +25,9 @@ Global layers attend over a prefix of their buffer, `span` slots, a power of two
 than what any row holds: a step's cost follows the tokens held, not max_seq_len. The slots past
 a row's length are masked, and masked keys add exact zeros, so the span changes no bit.
 `high`, on the host, bounds how many tokens any row holds, so choosing a span needs no sync.
+Rings do the same while the span is shorter than the ring: no row then holds a position past
+the span, and position p < N is in slot p, so the ring's first `span` slots hold every key (a
+short reply's sliding layers attend over 256 slots, not W + R).
 
 Stepping back: `rewind` lowers a row's length. Global buffers can drop any number of tokens. A
 ring still holds the R positions before the last W, so it can drop up to R: the slots of the
@@ -58,6 +61,7 @@ class Chunk(NamedTuple):
     global_slots: torch.Tensor  # [B, T]
     ring_slots: torch.Tensor  # [B, T]
     span: int  # global slots attended: as many as any row holds after this chunk, or more
+    ring_span: int  # ring slots attended: the span while it is shorter than the ring, else the ring
 
 
 class KVCache:
@@ -85,9 +89,9 @@ class KVCache:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         for sliding in self.sliding:
-            # A global buffer has one slot more than the longest span, so that a span's slice is
-            # never the whole buffer: packaged graphs take the span as a symbolic size (packages.py).
-            slots = self.ring if sliding else max_seq_len + 1
+            # A buffer has one slot more than the longest span, so that a span's slice is never
+            # the whole buffer: packaged graphs take the span as a symbolic size (packages.py).
+            slots = self.ring + 1 if sliding else max_seq_len + 1
             shape = (batch_size, config.num_kv_heads, slots, config.head_dim)
             self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
             self.values.append(torch.zeros(shape, device=device, dtype=dtype))
@@ -261,7 +265,8 @@ class KVCache:
         spare = start + n_new  # the slot this row's next token will take
         global_slots = torch.where(valid, positions, spare[:, None]).clamp(max=self.max_seq_len - 1)
         ring_slots = torch.remainder(torch.where(valid, positions, spare[:, None]), self.ring)
-        return Chunk(start, n_new, positions, valid, global_slots, ring_slots, span or self.max_seq_len)
+        span = span or self.max_seq_len
+        return Chunk(start, n_new, positions, valid, global_slots, ring_slots, span, torch.sym_min(span, self.ring))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, chunk: Chunk):
         """Store a chunk's k, v [B, kv_heads, T, head_dim]; return the keys and values to attend to."""
@@ -270,14 +275,13 @@ class KVCache:
         # Indexing [rows, :, slots] puts the indexed dims first: the values go in as [B, T, H, D].
         keys[self.rows, :, slots] = k.transpose(1, 2)
         values[self.rows, :, slots] = v.transpose(1, 2)
-        if self.sliding[layer]:
-            return keys, values
-        return keys[:, :, : chunk.span], values[:, :, : chunk.span]
+        n = chunk.ring_span if self.sliding[layer] else chunk.span
+        return keys[:, :, :n], values[:, :, :n]
 
     def key_positions(self, chunk: Chunk, sliding: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions and validity of the keys that `update` returns for this kind of layer."""
         if sliding:
-            return ring_slot_positions(chunk.start + chunk.n_new, self.ring)
+            return ring_slot_positions(chunk.start + chunk.n_new, self.ring, chunk.ring_span)
         return global_slot_positions(chunk.start + chunk.n_new, chunk.span)
 
     def advance(self, chunk: Chunk) -> None:

@@ -59,13 +59,14 @@ def global_slot_positions(lengths: torch.Tensor, size: int) -> tuple[torch.Tenso
     return slots, slots < lengths[:, None]
 
 
-def ring_slot_positions(lengths: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key positions of a ring of `window` slots after `lengths` tokens were written.
+def ring_slot_positions(lengths: torch.Tensor, window: int, slots: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key positions of the first `slots` (default: all) of a ring of `window` slots after
+    `lengths` tokens were written.
 
     Position p lives in slot p % W, so slot s holds the newest p < length with p % W == s:
     p = (length - 1) - ((length - 1 - s) mod W). A negative p is a slot not yet written.
     """
-    slots = torch.arange(window, device=lengths.device)[None, :]
+    slots = torch.arange(window if slots is None else slots, device=lengths.device)[None, :]
     last = lengths[:, None] - 1
     positions = last - torch.remainder(last - slots, window)
     return positions, positions >= 0

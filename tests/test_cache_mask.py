@@ -117,6 +117,6 @@ def test_sliding_memory_does_not_grow_with_context():
     small, large = KVCache(config, 1, 64), KVCache(config, 1, 4096)
     ring_bytes = [t.numel() for t, s in zip(small.keys, config.sliding_layers) if s]
     assert ring_bytes == [t.numel() for t, s in zip(large.keys, config.sliding_layers) if s]
-    assert all(t.shape[2] == large.ring < 4096 for t, s in zip(large.keys, config.sliding_layers) if s)
-    # A global buffer is one slot longer than the longest span (see KVCache.__init__).
+    # Every buffer is one slot longer than the longest span it is sliced to (see KVCache.__init__).
+    assert all(t.shape[2] == large.ring + 1 < 4096 for t, s in zip(large.keys, config.sliding_layers) if s)
     assert all(t.shape[2] == 4096 + 1 for t, s in zip(large.keys, config.sliding_layers) if not s)

@@ -30,6 +30,27 @@ def test_greedy_matches_transformers_across_many_ring_wraps(tiny, tiny_engine):
     assert got == reference_greedy(reference, prompt, 200)
 
 
+@pytest.fixture(scope="module")
+def wide_window(tmp_path_factory):
+    """A tiny model whose window (300) makes a ring (556 slots) longer than the shortest span (256)."""
+    from conftest import MARGIN, make_checkpoint
+
+    directory, reference = make_checkpoint(tmp_path_factory.mktemp("wide_window"), sliding_window=300)
+    engine = gemmalite.load(directory, dtype="float32", compile=False, max_seq_len=2048, rewind_margin=MARGIN)
+    return engine, reference
+
+
+@pytest.mark.parametrize("length, new", [(200, 80), (500, 90)])
+def test_greedy_matches_transformers_while_rings_are_read_through_a_prefix(wide_window, length, new):
+    # Sliding layers read the ring's first 256 slots, then 512, then (past 512 tokens) all 556,
+    # and the ring wraps: each switch happens inside one of these replies.
+    engine, reference = wide_window
+    assert engine.runner.new_cache(1).ring == 556
+    prompt = random_prompt(length, seed=length)
+    got = engine.generate_ids([prompt], max_new_tokens=new, ignore_eos=True)[0]
+    assert got == reference_greedy(reference, prompt, new)
+
+
 def test_prefill_longer_than_a_chunk_matches_one_forward(tiny_engine):
     """Chunked prefill (chunks of at most W tokens) gives the logits of one full forward."""
     prompt = random_prompt(37, seed=3)

@@ -123,6 +123,24 @@ def test_the_attended_span_of_the_global_buffer_changes_no_bit(bf16):
     assert torch.equal(logits[256], logits[1024])
 
 
+def test_reading_a_ring_through_a_prefix_changes_no_bit(tmp_path):
+    from conftest import make_checkpoint
+
+    directory, _ = make_checkpoint(tmp_path, sliding_window=300)  # a ring of 556 slots, past the 256-slot span
+    engine = gemmalite.load(directory, dtype="bfloat16", compile=False, max_seq_len=2048, rewind_margin=MARGIN)
+    tokens = ids(120, 21)
+    logits = {}
+    for span in (256, 2048):  # the rings' first 256 slots, or all 556 (and the global buffers whole)
+        cache = engine.runner.new_cache(1)
+        step = cache.longest_chunk
+        with torch.no_grad():
+            chunks = [torch.tensor([tokens[i : i + step]]) for i in range(0, len(tokens), step)]
+            logits[span] = torch.cat([engine.model(chunk, cache, span=span) for chunk in chunks], 1)
+            steps = [engine.model(torch.tensor([[t]]), cache, span=span) for t in ids(8, 22)]  # decode steps too
+        logits[span] = torch.cat([logits[span], *steps], 1)
+    assert torch.equal(logits[256], logits[2048])
+
+
 def test_spans_are_a_short_ladder_up_to_max_seq_len(bf16):
     cache = bf16.runner.new_cache(1)
     assert cache.spans() == [256, 512, 1024]
