@@ -34,12 +34,14 @@ class _Traced(torch.nn.Module):
         super().__init__()
         self._held = (runner, graph, names)
 
-    def forward(self, weights, cache_tensors, args, spanner):
+    def forward(self, weights, cache_tensors, args, spanners):
         runner, graph, names = self._held
+        spanner, ring_spanner = spanners  # their sizes: the global span and the rings' (KVCache.ring_span)
         model = runner.model
         named = dict(zip(names, weights))
         rope = {s: (named.pop(f"rope.{int(s)}.cos"), named.pop(f"rope.{int(s)}.sin")) for s in (True, False)}
         cache = _cache_on(runner, graph.batch, cache_tensors)
+        cache.traced_ring_span = ring_spanner.shape[0]
         saved, model.rope_tables = model.rope_tables, rope
         try:
             with torch.nn.utils.stateless._reparametrize_module(model, named):
@@ -76,13 +78,19 @@ def build(runner, graph: Graph, root: Path) -> Path:
     names, weights = model_inputs(runner.model)
     cache = runner.new_cache(graph.batch)
     spans = cache.spans()
-    spanner = torch.empty(spans[0], device=runner.device)
+    spanners = (torch.empty(spans[0], device=runner.device), torch.empty(cache.ring_span(spans[0]), device=runner.device))
     args = example_args(runner, graph)
     tensors = cache_tensors(cache)
     leaves = lambda tree: torch.utils._pytree.tree_map(lambda _: None, tree)  # noqa: E731
     dynamic = [leaves(weights), leaves(tensors), leaves(args), None]
-    if len(spans) > 1:  # a cache shorter than the first span has one span: nothing to leave symbolic
-        dynamic[3] = {0: Dim("span", min=spans[0], max=spans[-1])}
+    # A cache shorter than the first span has one span, and a ring shorter than it one ring span:
+    # nothing to leave symbolic. The two are sizes of their own (the ring's is min(span, ring),
+    # which the tracer cannot reason about), each taken by a graph that serves every span.
+    rings = sorted({cache.ring_span(s) for s in spans})
+    dynamic[3] = (
+        {0: Dim("span", min=spans[0], max=spans[-1])} if len(spans) > 1 else None,
+        {0: Dim("ring_span", min=rings[0], max=rings[-1])} if len(rings) > 1 else None,
+    )
     shortest, longest = runner.chunk_lengths(graph.batch)
     if graph.name == "prefill" and longest > shortest:
         # Chunks are 16, 32, ... tokens long (runner.prefill_bucket): a symbolic number of 16-token
@@ -92,7 +100,7 @@ def build(runner, graph: Graph, root: Path) -> Path:
         dynamic[2] = ({1: TILE * Dim("tiles", min=1, max=longest // TILE)}, None)
     with torch.no_grad():
         program = torch.export.export(
-            _Traced(runner, graph, names), (weights, tensors, args, spanner), dynamic_shapes=tuple(dynamic), strict=False
+            _Traced(runner, graph, names), (weights, tensors, args, spanners), dynamic_shapes=tuple(dynamic), strict=False
         )
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".{name}.{os.getpid()}.pt2"

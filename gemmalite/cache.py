@@ -86,6 +86,8 @@ class KVCache:
         self.longest_chunk = max_seq_len if self.ring == max_seq_len else extra
         self.rewind_margin = max_seq_len if self.ring == max_seq_len or not any(config.sliding_layers) else rewind_margin
         self.sliding = config.sliding_layers
+        # A graph traced for every span (builder.py) takes the ring's span as a size of its own.
+        self.traced_ring_span = None
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         for sliding in self.sliding:
@@ -249,6 +251,10 @@ class KVCache:
             span *= 2
         return min(span, self.max_seq_len)
 
+    def ring_span(self, span: int) -> int:
+        """How many ring slots to attend over with this span: the span while it is shorter than the ring."""
+        return min(span, self.ring)
+
     def spans(self) -> list[int]:
         """Every span a forward can take: the bounded set of attention lengths (and graphs)."""
         out = [self.span(1)]
@@ -266,7 +272,8 @@ class KVCache:
         global_slots = torch.where(valid, positions, spare[:, None]).clamp(max=self.max_seq_len - 1)
         ring_slots = torch.remainder(torch.where(valid, positions, spare[:, None]), self.ring)
         span = span or self.max_seq_len
-        return Chunk(start, n_new, positions, valid, global_slots, ring_slots, span, torch.sym_min(span, self.ring))
+        ring_span = self.traced_ring_span if self.traced_ring_span is not None else self.ring_span(span)
+        return Chunk(start, n_new, positions, valid, global_slots, ring_slots, span, ring_span)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, chunk: Chunk):
         """Store a chunk's k, v [B, kv_heads, T, head_dim]; return the keys and values to attend to."""

@@ -11,6 +11,9 @@ torch.compile traces and compiles again in every process. Each package is one gr
 - "verify" for a batch size and a chunk width (1 + the most draft tokens), with the span
   symbolic: speculative decoding's verification forward (speculative.py).
 
+The span reaches a package as the size of an empty tensor, and so does the rings' span
+(KVCache.ring_span, min(span, ring)), as a size of its own: the tracer cannot reason about a min.
+
 The weights, RoPE tables and cache buffers are inputs of the graph, not constants baked into it:
 a package holds code only (a few MB), and serves every checkpoint of the same shapes.
 
@@ -191,9 +194,9 @@ class _Package:
         self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
         self.out_spec = pytree.treespec_loads(self.loader.get_call_spec()[1])
 
-    def __call__(self, model: list[torch.Tensor], cache: list[torch.Tensor], args: tuple, span: torch.Tensor):
+    def __call__(self, model: list[torch.Tensor], cache: list[torch.Tensor], args: tuple, spanners: tuple):
         # The traced call's leaves in order; the model's hundreds of tensors are a flat list already.
-        flat = [*model, *cache, *(x for x in self.pytree.tree_leaves(args) if isinstance(x, torch.Tensor)), span]
+        flat = [*model, *cache, *(x for x in self.pytree.tree_leaves(args) if isinstance(x, torch.Tensor)), *spanners]
         return self.pytree.tree_unflatten(self.loader.boxed_run(flat), self.out_spec)
 
 
@@ -209,7 +212,7 @@ class Packages:
         self.wanted: set[Graph] = set()
         self._names: dict[Graph, str] = {}
         self.inputs: list[torch.Tensor] | None = None  # the model's tensors, as packages take them
-        self.spanners: dict[int, torch.Tensor] = {}  # an empty tensor per span: its shape is the span
+        self.spanners: dict[int, tuple] = {}  # empty tensors per span: their shapes are the span and the rings' span
         # Told of a cache entry that could not be read (it is then deleted and built again).
         self.on_notice: Callable[[str], None] = lambda text: print(f"gemmalite: {text}", file=sys.stderr)
         self._atexit = False
@@ -227,9 +230,10 @@ class Packages:
         return Kernels(self, prefill, decode, verify)
 
     def run(self, package: Callable, cache, args: tuple, span: int):
-        """Call a package on the model's tensors and the cache's; the span reaches it as a shape."""
+        """Call a package on the model's tensors and the cache's; the spans reach it as shapes."""
         if span not in self.spanners:
-            self.spanners[span] = torch.empty(span, device=self.runner.device)
+            device = self.runner.device
+            self.spanners[span] = (torch.empty(span, device=device), torch.empty(cache.ring_span(span), device=device))
         return package(self.inputs, cache_tensors(cache), args, self.spanners[span])
 
     def name(self, graph: Graph) -> str:
