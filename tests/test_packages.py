@@ -28,6 +28,7 @@ PROMPT = [2, 17, 33, 91, 5, 240, 77, 12, 8, 150, 41]
 BUILD_IN_BACKGROUND = packages.Packages.build_in_background
 GREEDY = Graph("decode", 1, "greedy")
 SORTED_WITH_LOGPROBS = Graph("decode", 1, "sorted", with_logprobs=True)
+SMALL = dict(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], sliding_window=300)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,9 +41,10 @@ def no_builders_at_exit():
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    """The tiny model cut to two layers, one sliding and one global: every graph it builds is the
-    tiny model's in all but the layer count, and builds in about two thirds of the time."""
-    return make_checkpoint(tmp_path_factory.mktemp("small"), num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+    """The tiny model cut to two layers, one sliding and one global, which builds in about two
+    thirds of the time. Its window of 300 makes a ring (556 slots) longer than the shortest span,
+    so its graphs take the rings' span as a size of their own (256, 512, then the whole ring)."""
+    return make_checkpoint(tmp_path_factory.mktemp("small"), **SMALL)
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +115,13 @@ print(json.dumps({{"tokens": done.token_ids, "loaded": sorted(g.name for g in en
 
 def test_packaged_calls_cross_spans_and_chunks_with_eagers_tokens(small, built, small_engine):
     engine = cached(small)
-    long_prompt = ids(300, 5)  # several prefill chunks; decode crosses from a 256- to a 512-slot span
-    for prompt in (PROMPT, long_prompt, [2]):
-        got = engine.complete(prompt, max_new_tokens=230, ignore_eos=True, repetition_penalty=1.3)
+    # Two prefill chunks; decode crosses spans of 256, 512 and 1024 slots (rings: 256, 512, all
+    # 556), and the ring wraps.
+    long_prompt = ids(300, 5)
+    for prompt, new in ((PROMPT, 230), (long_prompt, 300), ([2], 230)):
+        got = engine.complete(prompt, max_new_tokens=new, ignore_eos=True, repetition_penalty=1.3)
         assert engine.runner.packages.loaded and engine.runner.kernels(1, "greedy", False, False) is not None
-        assert got.token_ids == small_engine.complete(prompt, max_new_tokens=230, ignore_eos=True, repetition_penalty=1.3).token_ids
+        assert got.token_ids == small_engine.complete(prompt, max_new_tokens=new, ignore_eos=True, repetition_penalty=1.3).token_ids
 
 
 def test_speculative_calls_run_a_packaged_verification_with_plain_decodings_tokens(small, built, small_engine, monkeypatch, tmp_path):
@@ -221,7 +225,7 @@ def test_bf16_packaged_replies_are_the_same_fresh_reused_and_after_eager_calls(s
 
     # Another engine of the same shapes in this process, with other weights: where bf16 weights
     # are packed for oneDNN, they sit under other keys than those the packages were built with.
-    other = make_checkpoint(tmp_path / "other", seed=7, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+    other = make_checkpoint(tmp_path / "other", seed=7, **SMALL)
     packaged, plain = (gemmalite.load(other[0], dtype="bfloat16", compile=c, max_seq_len=1024, rewind_margin=MARGIN) for c in ("cached", False))
     mine = packaged.complete(transcript, seed=4, **SAMPLED)
     assert packaged.runner._idle[0].kernels == "packaged"
