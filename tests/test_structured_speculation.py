@@ -12,41 +12,17 @@ import json
 import pytest
 import torch
 
-llguidance = pytest.importorskip("llguidance")
-jsonschema = pytest.importorskip("jsonschema")
+from gemmalite import speculative
+from gemmalite.batching import Scheduler
+from gemmalite.grammar import Constraint, Grammars, Guide
+from gemmalite.options import GenerationOptions
+from gemmalite.slots import Request
 
-from gemmalite import Engine, speculative  # noqa: E402
-from gemmalite.batching import Scheduler  # noqa: E402
-from gemmalite.grammar import Constraint, Grammars, Guide  # noqa: E402
-from gemmalite.options import GenerationOptions  # noqa: E402
-from gemmalite.slots import Request  # noqa: E402
+from test_speculative import AlwaysDraft, engine_like
+from test_structured import PERSON as RECORD, PROMPT, valid  # skips this module without llguidance
 
-from conftest import MARGIN  # noqa: E402
-
-PROMPT = "The quick brown"
-RECORD = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 10},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "pet": {"enum": ["cat", "dog", "none"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "minItems": 1, "maxItems": 2},
-        "ok": {"type": "boolean"},
-    },
-    "required": ["name", "age", "pet", "tags", "ok"],
-}
 SAMPLED = dict(temperature=1.0, top_k=50, top_p=0.9, seed=3)
 PENALIZED = dict(temperature=0.9, seed=5, repetition_penalty=1.3, presence_penalty=0.4)
-
-
-class AlwaysDraft:
-    """Pace's stand-in: every round drafts, however it is timed (Pace decides only whether a round drafts)."""
-
-    def allows(self):
-        return True
-
-    def record(self, *args):
-        pass
 
 
 @pytest.fixture(autouse=True)
@@ -58,24 +34,13 @@ def rounds_always_draft(monkeypatch):
 @pytest.fixture(scope="module")
 def self_drafted(tiny_engine):
     """The tiny model drafting for itself, unmasked: its drafts are often refused by the grammar."""
-
-    def like(**kwargs):
-        return Engine(tiny_engine.model, tiny_engine.tokenizer, device=tiny_engine.device, dtype=tiny_engine.dtype,
-                      compile=False, max_seq_len=tiny_engine.max_seq_len, rewind_margin=MARGIN, **kwargs)  # fmt: skip
-
-    return like(draft=like())
-
-
-def valid(text: str, schema: dict) -> dict:
-    value = json.loads(text)
-    jsonschema.validate(value, schema)
-    return value
+    return engine_like(tiny_engine, draft=engine_like(tiny_engine))
 
 
 @pytest.mark.parametrize("sampling", [{}, SAMPLED, PENALIZED], ids=["greedy", "topk_topp", "penalties"])
 @pytest.mark.parametrize("source", ["exact prediction", "wrong prediction", "lookup", "draft"])
 def test_constrained_speculation_gives_plain_constrained_tokens(self_drafted, source, sampling):
-    options = dict(json_schema=RECORD, max_new_tokens=120, **sampling)
+    options = dict(json_schema=RECORD, max_new_tokens=300, **sampling)
     plain = self_drafted.complete(PROMPT, speculative="off", **options)
     valid(plain.text, RECORD)
     assert plain.finish_reason == "stop"
@@ -96,18 +61,18 @@ def test_constrained_speculation_gives_plain_constrained_tokens(self_drafted, so
 
 
 def test_logprobs_streams_and_ignore_eos_agree_with_plain(self_drafted):
-    plain = self_drafted.complete(PROMPT, json_schema=RECORD, max_new_tokens=120, logprobs=3, ignore_eos=True, **SAMPLED)
-    spec = self_drafted.complete(PROMPT, json_schema=RECORD, max_new_tokens=120, logprobs=3, ignore_eos=True,
+    plain = self_drafted.complete(PROMPT, json_schema=RECORD, max_new_tokens=300, logprobs=3, ignore_eos=True, **SAMPLED)
+    spec = self_drafted.complete(PROMPT, json_schema=RECORD, max_new_tokens=300, logprobs=3, ignore_eos=True,
                                  prediction=plain.token_ids, **SAMPLED)  # fmt: skip
     assert spec.token_ids == plain.token_ids
     assert spec.logprobs == pytest.approx(plain.logprobs, abs=1e-5)
     streamed = "".join(c.text for c in self_drafted.complete_stream(
-        PROMPT, json_schema=RECORD, max_new_tokens=120, ignore_eos=True, speculative="draft", **SAMPLED))  # fmt: skip
+        PROMPT, json_schema=RECORD, max_new_tokens=300, ignore_eos=True, speculative="draft", **SAMPLED))  # fmt: skip
     assert streamed == plain.text
 
 
 def test_max_new_tokens_inside_an_accepted_run(self_drafted):
-    plain = self_drafted.complete(PROMPT, json_schema=RECORD, max_new_tokens=120)
+    plain = self_drafted.complete(PROMPT, json_schema=RECORD, max_new_tokens=300)
     for limit in (5, 6, 7):
         cut = self_drafted.complete(PROMPT, json_schema=RECORD, max_new_tokens=limit, prediction=plain.token_ids)
         assert (cut.token_ids, cut.finish_reason) == (plain.token_ids[:limit], "length")
@@ -115,15 +80,15 @@ def test_max_new_tokens_inside_an_accepted_run(self_drafted):
 
 def test_a_batch_and_a_session_mix_schemas_under_speculation(self_drafted):
     prompts = [PROMPT, "Once upon a time"]
-    plain = self_drafted.complete(prompts, json_schema=RECORD, max_new_tokens=120, speculative="off", **SAMPLED)
-    spec = self_drafted.complete(prompts, json_schema=RECORD, max_new_tokens=120, speculative="draft", **SAMPLED)
+    plain = self_drafted.complete(prompts, json_schema=RECORD, max_new_tokens=300, speculative="off", **SAMPLED)
+    spec = self_drafted.complete(prompts, json_schema=RECORD, max_new_tokens=300, speculative="draft", **SAMPLED)
     assert [c.token_ids for c in spec] == [c.token_ids for c in plain]
     flags = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
     replies = {}
     for mode in ("off", "draft", "lookup"):
         session = self_drafted.session(chat=False)
         replies[mode] = [
-            session.send("A record:", json_schema=RECORD, max_new_tokens=120, speculative=mode),
+            session.send("A record:", json_schema=RECORD, max_new_tokens=300, speculative=mode),
             session.send(" And a flag:", json_schema=flags, max_new_tokens=40, speculative=mode),
             session.send(" Free text:", max_new_tokens=6, ignore_eos=True, speculative=mode),
         ]
@@ -153,11 +118,11 @@ def test_draft_masks_cut_refused_drafts_and_leave_the_matcher_as_it_was(tiny_eng
 
 
 def test_the_server_speculates_for_constrained_requests(self_drafted):
-    alone = self_drafted.complete(PROMPT, json_schema=RECORD, max_new_tokens=120, speculative="off", **SAMPLED)
+    alone = self_drafted.complete(PROMPT, json_schema=RECORD, max_new_tokens=300, speculative="off", **SAMPLED)
     free = self_drafted.complete("lazy dog", max_new_tokens=12, ignore_eos=True, speculative="off")
     scheduler = Scheduler(self_drafted, parallel=2, max_queue=4)
     outcomes = []
-    for prompt, options in [(PROMPT, dict(json_schema=RECORD, max_new_tokens=120, speculative="draft", **SAMPLED)),
+    for prompt, options in [(PROMPT, dict(json_schema=RECORD, max_new_tokens=300, speculative="draft", **SAMPLED)),
                             ("lazy dog", dict(max_new_tokens=12, ignore_eos=True, speculative="draft"))]:  # fmt: skip
         chunks = []
         scheduler.submit(Request(self_drafted.encode(prompt), GenerationOptions(**options), chunks.append))
