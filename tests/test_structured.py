@@ -18,7 +18,8 @@ jsonschema = pytest.importorskip("jsonschema")
 from gemmalite import cli  # noqa: E402
 from gemmalite.batching import Scheduler  # noqa: E402
 from gemmalite.errors import InvalidArgumentError  # noqa: E402
-from gemmalite.grammar import Constraint, Grammars, Guide, mask_logits, token_bytes  # noqa: E402
+from gemmalite.grammar import Grammars, Guide, mask_logits, token_bytes  # noqa: E402
+from gemmalite.schemas import Constraint  # noqa: E402
 from gemmalite.options import GenerationOptions  # noqa: E402
 from gemmalite.slots import Request  # noqa: E402
 

@@ -14,7 +14,8 @@ import torch
 
 from gemmalite import speculative
 from gemmalite.batching import Scheduler
-from gemmalite.grammar import Constraint, Grammars, Guide
+from gemmalite.grammar import Grammars, Guide
+from gemmalite.schemas import Constraint
 from gemmalite.options import GenerationOptions
 from gemmalite.slots import Request
 
