@@ -16,9 +16,8 @@ from gemmalite import speculative
 from gemmalite.batching import Scheduler
 from gemmalite.grammar import Grammars, Guide
 from gemmalite.schemas import Constraint
-from gemmalite.options import GenerationOptions
-from gemmalite.slots import Request
 
+from test_batching import run, submit
 from test_speculative import AlwaysDraft, engine_like
 from test_structured import PERSON as RECORD, PROMPT, valid  # skips this module without llguidance
 
@@ -122,18 +121,10 @@ def test_the_server_speculates_for_constrained_requests(self_drafted):
     alone = self_drafted.complete(PROMPT, json_schema=RECORD, max_new_tokens=300, speculative="off", **SAMPLED)
     free = self_drafted.complete("lazy dog", max_new_tokens=12, ignore_eos=True, speculative="off")
     scheduler = Scheduler(self_drafted, parallel=2, max_queue=4)
-    outcomes = []
-    for prompt, options in [(PROMPT, dict(json_schema=RECORD, max_new_tokens=300, speculative="draft", **SAMPLED)),
-                            ("lazy dog", dict(max_new_tokens=12, ignore_eos=True, speculative="draft"))]:  # fmt: skip
-        chunks = []
-        scheduler.submit(Request(self_drafted.encode(prompt), GenerationOptions(**options), chunks.append))
-        outcomes.append(chunks)
-    for _ in range(2000):
-        if all(c and (isinstance(c[-1], BaseException) or c[-1].finish_reason) for c in outcomes):
-            break
-        scheduler.step()
+    constrained = submit(scheduler, self_drafted.encode(PROMPT), json_schema=RECORD, max_new_tokens=300, speculative="draft", **SAMPLED)
+    plain = submit(scheduler, self_drafted.encode("lazy dog"), max_new_tokens=12, ignore_eos=True, speculative="draft")
+    run(scheduler, constrained, plain)
     scheduler.close()
-    tokens = [[t for c in chunks for t in c.token_ids] for chunks in outcomes]
-    assert tokens == [alone.token_ids, free.token_ids]
-    assert outcomes[0][-1].finish_reason == "stop"
+    assert (constrained.tokens, plain.tokens) == (alone.token_ids, free.token_ids)
+    assert constrained.last.finish_reason == "stop"
     assert scheduler.draft_counts.drafted > 0
