@@ -112,7 +112,7 @@ class BatchDrafts:
     def _verify(self, rows, cache, tokens, active, drafts, masks, sampler, penalties, kind, with_logprobs):
         """One verification forward; per row its emitted tokens and their (logprob, values, ids)."""
         _, _, emitted, chosen, accepted = verify(
-            self.runner, cache, tokens, active, drafts, _width(rows), sampler, penalties, self.eos, kind, with_logprobs, None, masks
+            self.runner, cache, tokens, active, drafts, _width(rows), sampler, penalties, self.eos, kind, with_logprobs, masks=masks
         )
         self.cache.high = max(self.cache.lengths.tolist())  # rows were rewound: the books follow
         counts = self.draft_counts

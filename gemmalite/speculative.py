@@ -259,12 +259,12 @@ class Speculation:
                     budgets.append(max(0, min(self.budgets[row].next(), room)) if alive else 0)
                 replies = [None if t is None else t[s:] for t, s in zip(transcripts, reply_starts)]
                 drafts = self._drafts(transcripts, replies, budgets, sampler, kind)
-                masks = guide.draft_masks(drafts, self.plan.width) if guide is not None and any(drafts) else None
+                masks = guide.draft_masks(drafts, self.plan.width) if guide is not None and guide.running and any(drafts) else None
                 with torch.no_grad(), runner.lock:
                     if any(drafts):
                         tokens, active, emitted, chosen, accepted = verify(
                             runner, cache, tokens, active, drafts, self.plan.width,
-                            sampler, penalty, eos_ids, kind, top_logprobs is not None, kernels, masks,
+                            sampler, penalty, eos_ids, kind, top_logprobs is not None, kernels, masks=masks,
                         )
                     else:
                         fed = active
